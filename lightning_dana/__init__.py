@@ -1,0 +1,8 @@
+"""Asynchronous data-parallel training with DANA for PyTorch Lightning."""
+
+from lightning_dana.rules import ALGORITHMS, UpdateRule, make_rule
+from lightning_dana.schedules import SCHEDULES, make_schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["ALGORITHMS", "SCHEDULES", "UpdateRule", "make_rule", "make_schedule"]

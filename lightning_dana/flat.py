@@ -1,0 +1,95 @@
+"""One flat buffer per push: a module's trained parameters and its buffers, end to end.
+
+Parameters are taken in the order of the optimizer's param groups, so each group
+is one contiguous slice (its lr and weight decay apply slice by slice). Buffers
+(BatchNorm running statistics and their counters) follow the parameters in the
+same message; integer buffers travel as floating point (exact below 2**24 steps
+in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_dana.rules import LR
+
+
+class FlatModel:
+    """Copies a module's parameters and buffers to and from flat tensors."""
+
+    def __init__(self, module: nn.Module, optimizer: Optimizer) -> None:
+        self.params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("a parameter appears in several param groups of the optimizer")
+        if not self.params:
+            raise ValueError("the optimizer has no parameters to train")
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trained parameters must share one dtype, found {sorted(map(str, dtypes))}")
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.group_sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+        self.buffers: list[Tensor] = [b for _, b in module.named_buffers() if b is not None]
+        self.buffer_sizes = [b.numel() for b in self.buffers]
+        self.buffer_numel = sum(self.buffer_sizes)
+        self.payload_numel = self.numel + self.buffer_numel
+        self._expanded: tuple[tuple, Tensor] | None = None  # last per-element expansion
+
+    # parameters ---------------------------------------------------------------------
+    def empty(self, numel: int | None = None) -> Tensor:
+        return torch.empty(self.payload_numel if numel is None else numel, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def read_params(self, out: Tensor | None = None) -> Tensor:
+        out = self.empty(self.numel) if out is None else out
+        torch._foreach_copy_(list(out.split(self.sizes)), [p.reshape(-1) for p in self.params])
+        return out
+
+    @torch.no_grad()
+    def write_params(self, flat: Tensor) -> None:
+        views = [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
+        torch._foreach_copy_(self.params, views)
+
+    @torch.no_grad()
+    def read_grads(self, out: Tensor | None = None) -> Tensor:
+        """Flat gradient; a parameter that got no gradient this step contributes zeros."""
+        out = self.empty(self.numel) if out is None else out
+        for view, p in zip(out.split(self.sizes), self.params):
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad.reshape(-1))
+        return out
+
+    # buffers ------------------------------------------------------------------------
+    @torch.no_grad()
+    def read_buffers(self, out: Tensor | None = None) -> Tensor:
+        out = self.empty(self.buffer_numel) if out is None else out
+        for view, b in zip(out.split(self.buffer_sizes), self.buffers):
+            view.copy_(b.reshape(-1))
+        return out
+
+    @torch.no_grad()
+    def write_buffers(self, flat: Tensor) -> None:
+        for view, b in zip(flat.split(self.buffer_sizes), self.buffers):
+            b.copy_(view.view_as(b).round() if not b.dtype.is_floating_point else view.view_as(b))
+
+    # per-group hyperparameters ---------------------------------------------------
+    def group_values(self, values: list[float]) -> LR:
+        """One value per param group, as a scalar when all agree, else expanded per element."""
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        key = tuple(values)
+        if self._expanded is None or self._expanded[0] != key:
+            counts = torch.tensor(self.group_sizes, device=self.device)
+            values_t = torch.tensor(values, dtype=self.dtype, device=self.device)
+            self._expanded = (key, values_t.repeat_interleave(counts))
+        return self._expanded[1]
+
+
+def optimizer_values(optimizer: Optimizer, key: str) -> list[float]:
+    return [float(g.get(key, 0.0)) for g in optimizer.param_groups]
