@@ -1,8 +1,20 @@
 """Asynchronous data-parallel training with DANA for PyTorch Lightning."""
 
+from lightning_dana.callbacks import GapMonitor, GradualWarmup, MomentumCorrection
 from lightning_dana.rules import ALGORITHMS, UpdateRule, make_rule
 from lightning_dana.schedules import SCHEDULES, make_schedule
+from lightning_dana.simulation import SimulatedWorkers
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "SCHEDULES", "UpdateRule", "make_rule", "make_schedule"]
+__all__ = [
+    "ALGORITHMS",
+    "SCHEDULES",
+    "GapMonitor",
+    "GradualWarmup",
+    "MomentumCorrection",
+    "SimulatedWorkers",
+    "UpdateRule",
+    "make_rule",
+    "make_schedule",
+]

@@ -1,0 +1,221 @@
+"""N asynchronous workers simulated in one process, on one device, as the paper ran its accuracy tables.
+
+Each training step is one push by one virtual worker, picked by a schedule: the
+model is loaded with that worker's stale parameters (its last pull), the user's
+``training_step`` and backward run as usual, the worker's push goes to the
+:class:`~lightning_dana.server.ParameterServer`, and the reply is stored as that
+worker's next pull. An epoch is still one pass over the data, shared by all
+workers, so the single-worker schedule (epochs, milestones, warm-up) keeps its
+meaning.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+import pytorch_lightning as pl
+from lightning_dana.flat import FlatModel
+from lightning_dana.rules import check_algorithm, make_rule
+from lightning_dana.schedules import make_schedule
+from lightning_dana.server import NonFinitePushError, ParameterServer, PushRecord
+from lightning_dana.worker import StepProxy, WorkerPush, check_optimizer
+
+
+class SimulatedWorkers(SingleDeviceStrategy):
+    """Simulate ``num_workers`` asynchronous workers and one master on a single device.
+
+    Args:
+        num_workers: N, the number of virtual workers.
+        algorithm: ``"dana"``, ``"dana_zero"``, ``"multi_asgd"``, ``"nag_asgd"`` or ``"asgd"``.
+        schedule: ``"round_robin"``, ``"block_random"``, ``"gamma"`` (V = 0.1, mean batch
+            time = batch size), or a list of N per-worker mean speeds (gamma-distributed
+            batch times around ``batch_size / speed``).
+        seed: seeds the schedule, so a run and its resumption replay the same pushes.
+        device: where model and buffers live; default: the Trainer's accelerator
+            (``cuda`` for GPU, else ``cpu``).
+        batch_size: mean batch time of the gamma schedules (only sets the simulated clock).
+    """
+
+    strategy_name = "simulated_workers"
+
+    def __init__(
+        self,
+        num_workers: int = 1,
+        algorithm: str = "dana",
+        schedule: str | Sequence[float] = "block_random",
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        batch_size: int = 128,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(device=device or "cpu", **kwargs)
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        self.num_workers = num_workers
+        self.algorithm = check_algorithm(algorithm)
+        self.schedule_spec = schedule if isinstance(schedule, str) else [float(s) for s in schedule]
+        self.seed = seed
+        self.schedule = make_schedule(self.schedule_spec, num_workers, seed, mean_time=float(batch_size))
+        self._device_given = device is not None
+        self._server: ParameterServer | None = None
+        self._records: deque[PushRecord] = deque(maxlen=100_000)  # bounded if nobody drains
+        self._active: int | None = None
+
+    # set-up -------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
+            self._root_device = torch.device("cuda", torch.cuda.current_device())
+        super().setup_environment()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        module = self.lightning_module
+        if not module.automatic_optimization:
+            raise ValueError(
+                "SimulatedWorkers needs automatic optimization (each optimizer step is one push); "
+                "set `self.automatic_optimization = True` or train without SimulatedWorkers"
+            )
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"SimulatedWorkers trains with one optimizer, configure_optimizers returned {len(self.optimizers)}; "
+                "put all parameters in one optimizer (param groups may differ)"
+            )
+        optimizer = self.optimizers[0]
+        momentum = check_optimizer(self.algorithm, optimizer)
+        self._flat = FlatModel(module, optimizer)
+        self._worker = WorkerPush(self._flat, optimizer, self.algorithm)
+        params = self._flat.read_params()
+        rule = make_rule(self.algorithm, params, self.num_workers, momentum)
+        self._server = ParameterServer(rule, self._flat.sizes, self._flat.read_buffers())
+        self._pulled = self._flat.empty().repeat(self.num_workers, 1)
+        for w in range(self.num_workers):
+            self._server.pull(w, self._pulled[w])
+        self._push = self._flat.empty()
+        self._optimizer = optimizer
+        # dana: every worker runs its own copy of the user's optimizer state
+        self._worker_states = [optimizer.state] + [defaultdict(dict) for _ in range(self.num_workers - 1)]
+        self._proxy = StepProxy(optimizer, self._push_pull)
+
+    # the worker's step --------------------------------------------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._active is None:
+            self._active = self.schedule.next_worker()
+        self._worker.load(self._pulled[self._active])
+        if self._worker.pushes_step:
+            self._optimizer.state = self._worker_states[self._active]
+        return super().training_step(*args, **kwargs)
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        return super().optimizer_step(self._proxy, closure, model, **kwargs)
+
+    def _push_pull(self) -> None:
+        worker, pulled = self._active, self._pulled[self._active]
+        lr = self._worker.lr()
+        self._worker.compute(pulled, self._push)
+        try:
+            self._records.append(self._server.serve(worker, self._push, lr, out=pulled, pulled=pulled))
+        except NonFinitePushError as err:
+            rank_zero_warn(f"{err} (total refused: {self._server.refused})")
+            self._server.pull(worker, pulled)
+        self._active = None
+
+    # the master's parameters outside training ------------------------------------
+    def _load_master(self) -> None:
+        if self._server is not None:
+            self._worker.load(self._server.eval_payload())
+
+    def on_validation_start(self) -> None:
+        self._load_master()
+
+    def on_test_start(self) -> None:
+        self._load_master()
+
+    def on_predict_start(self) -> None:
+        self._load_master()
+
+    def on_train_end(self) -> None:
+        self._load_master()  # after fit, the module holds the trained (master's) model
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # the next training_step reloads its worker's parameters, so this is safe mid-fit
+        self._load_master()
+        return {k: v.clone() for k, v in super().lightning_module_state_dict().items()}
+
+    # checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self._server is not None:
+            checkpoint["simulated_workers"] = self._state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if "simulated_workers" in checkpoint:
+            self._load_state_dict(checkpoint["simulated_workers"])
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "num_workers": self.num_workers,
+            "server": self._server.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "pulled": self._pulled.clone(),
+            "active": self._active,
+            "worker_optimizer_states": [self._optimizer_state(s) for s in self._worker_states]
+            if self._worker.pushes_step
+            else None,
+        }
+
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["algorithm"], state["num_workers"]) != (self.algorithm, self.num_workers):
+            raise ValueError(
+                f"the checkpoint was made by SimulatedWorkers(algorithm={state['algorithm']!r}, "
+                f"num_workers={state['num_workers']}); resume with the same algorithm and num_workers"
+            )
+        self._server.load_state_dict(state["server"])
+        self.schedule.load_state_dict(state["schedule"])
+        self._pulled.copy_(state["pulled"])
+        self._active = state["active"]
+        if state["worker_optimizer_states"] is not None:
+            self._worker_states = [self._load_optimizer_state(s) for s in state["worker_optimizer_states"]]
+            self._optimizer.state = self._worker_states[0]
+
+    def _optimizer_state(self, state: defaultdict) -> dict:
+        current, self._optimizer.state = self._optimizer.state, state
+        try:
+            return self._optimizer.state_dict()["state"]
+        finally:
+            self._optimizer.state = current
+
+    def _load_optimizer_state(self, saved: dict) -> defaultdict:
+        groups = self._optimizer.state_dict()["param_groups"]
+        self._optimizer.load_state_dict({"state": saved, "param_groups": groups})
+        return self._optimizer.state
+
+    # what the callbacks read ---------------------------------------------------------
+    def drain_push_records(self) -> list[PushRecord]:
+        """Pushes applied since the last call: worker, lag τ, gap G and time of each."""
+        records = list(self._records)
+        self._records.clear()
+        return records
+
+    @property
+    def worker_optimizer_states(self) -> list[defaultdict]:
+        """Each virtual worker's optimizer state (``dana``); MomentumCorrection rescales them all."""
+        return self._worker_states if self._server is not None and self._worker.pushes_step else []
+
+    @property
+    def server(self) -> ParameterServer | None:
+        return self._server
+
+    @property
+    def simulated_time(self) -> float:
+        return self.schedule.clock
+
