@@ -11,6 +11,7 @@ meaning.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,12 @@ from lightning_dana.rules import check_algorithm, make_rule
 from lightning_dana.schedules import make_schedule
 from lightning_dana.server import NonFinitePushError, ParameterServer, PushRecord
 from lightning_dana.worker import StepProxy, WorkerPush, check_optimizer
+
+
+_ONE_OPTIMIZER = (
+    "SimulatedWorkers trains with one optimizer (each optimizer step is one push), configure_optimizers "
+    "returned {count}; put all parameters in one optimizer (its param groups may differ)"
+)
 
 
 class SimulatedWorkers(SingleDeviceStrategy):
@@ -76,7 +83,12 @@ class SimulatedWorkers(SingleDeviceStrategy):
         super().setup_environment()
 
     def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
+        try:
+            super().setup(trainer)
+        except RuntimeError as err:
+            if "multiple optimizers" in str(err):
+                raise ValueError(_ONE_OPTIMIZER.format(count="several")) from err
+            raise
         module = self.lightning_module
         if not module.automatic_optimization:
             raise ValueError(
@@ -84,10 +96,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
                 "set `self.automatic_optimization = True` or train without SimulatedWorkers"
             )
         if len(self.optimizers) != 1:
-            raise ValueError(
-                f"SimulatedWorkers trains with one optimizer, configure_optimizers returned {len(self.optimizers)}; "
-                "put all parameters in one optimizer (param groups may differ)"
-            )
+            raise ValueError(_ONE_OPTIMIZER.format(count=len(self.optimizers)))
         optimizer = self.optimizers[0]
         momentum = check_optimizer(self.algorithm, optimizer)
         self._flat = FlatModel(module, optimizer)
@@ -123,8 +132,10 @@ class SimulatedWorkers(SingleDeviceStrategy):
         try:
             self._records.append(self._server.serve(worker, self._push, lr, out=pulled, pulled=pulled))
         except NonFinitePushError as err:
-            rank_zero_warn(f"{err} (total refused: {self._server.refused})")
+            rank_zero_warn(f"{err} (total refused: {self._server.refused}); the worker restarts from the master")
             self._server.pull(worker, pulled)
+            if self._worker.pushes_step:  # its optimizer state produced the NaN: start it afresh
+                self._worker_states[worker] = self._optimizer.state = defaultdict(dict)
         self._active = None
 
     # the master's parameters outside training ------------------------------------
@@ -168,6 +179,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
             "schedule": self.schedule.state_dict(),
             "pulled": self._pulled.clone(),
             "active": self._active,
+            "rng": _rng_states(),  # the data order of the next epochs
             "worker_optimizer_states": [self._optimizer_state(s) for s in self._worker_states]
             if self._worker.pushes_step
             else None,
@@ -183,6 +195,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self.schedule.load_state_dict(state["schedule"])
         self._pulled.copy_(state["pulled"])
         self._active = state["active"]
+        _set_rng_states(state["rng"])
         if state["worker_optimizer_states"] is not None:
             self._worker_states = [self._load_optimizer_state(s) for s in state["worker_optimizer_states"]]
             self._optimizer.state = self._worker_states[0]
@@ -219,3 +232,28 @@ class SimulatedWorkers(SingleDeviceStrategy):
     def simulated_time(self) -> float:
         return self.schedule.clock
 
+
+
+def _rng_states() -> dict[str, Any]:
+    """Global RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)),
+    }
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
