@@ -55,7 +55,8 @@ class GradualWarmup(Callback):
         if not self.scheduled:
             self.scheduled = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
-            self._wrap(config.scheduler, trainer)
+            if not isinstance(config.scheduler, _Warmed):
+                config.scheduler = _Warmed(config.scheduler, self, trainer)
         self._apply(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -67,28 +68,40 @@ class GradualWarmup(Callback):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * f
 
-    def _wrap(self, scheduler: Any, trainer: pl.Trainer) -> None:
-        if getattr(scheduler, "_dana_warmup_wrapped", False):
-            return
-        original = scheduler.step
+    def _unwarmed_step(self, trainer: pl.Trainer, scheduler: Any, args: tuple, kwargs: dict) -> None:
+        """Let the user's scheduler step from the un-warmed lr, then warm its result."""
         index = next(i for i, opt in enumerate(trainer.optimizers) if opt is scheduler.optimizer)
-
-        def step(*args: Any, **kwargs: Any) -> None:
-            groups = scheduler.optimizer.param_groups
-            for group, lr in zip(groups, self.scheduled[index]):
-                group["lr"] = lr
-            original(*args, **kwargs)
-            self.scheduled[index] = [g["lr"] for g in groups]
-            self._apply(trainer)
-
-        scheduler.step = step
-        scheduler._dana_warmup_wrapped = True
+        groups = scheduler.optimizer.param_groups
+        for group, lr in zip(groups, self.scheduled[index]):
+            group["lr"] = lr
+        scheduler.step(*args, **kwargs)
+        self.scheduled[index] = [g["lr"] for g in groups]
+        self._apply(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduled": self.scheduled}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scheduled = [list(lrs) for lrs in state_dict["scheduled"]]
+
+
+class _Warmed:
+    """The user's LR scheduler as Lightning sees it during warm-up: same state, un-warmed steps."""
+
+    def __init__(self, scheduler: Any, warmup: GradualWarmup, trainer: pl.Trainer) -> None:
+        self.scheduler, self.warmup, self.trainer = scheduler, warmup, trainer
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        self.warmup._unwarmed_step(self.trainer, self.scheduler, args, kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
 
 
 class MomentumCorrection(Callback):
