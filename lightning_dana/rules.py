@@ -59,7 +59,12 @@ class UpdateRule:
         return {"theta": self.theta}
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "momentum": self.momentum, "tensors": self.state_tensors()}
+        """A snapshot (copies, like ``ParameterServer.state_dict``'s buffers): training on leaves it unchanged."""
+        tensors = {
+            key: [t.clone() for t in value] if isinstance(value, list) else value.clone()
+            for key, value in self.state_tensors().items()
+        }
+        return {"name": self.name, "momentum": self.momentum, "tensors": tensors}
 
     def load_state_dict(self, state: dict) -> None:
         if state["name"] != self.name:
@@ -137,7 +142,7 @@ class MultiASGD(UpdateRule):
         return {"theta": self.theta, "v": self.v}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "lr": self.lr}
+        return {**super().state_dict(), "lr": self.lr.clone() if isinstance(self.lr, Tensor) else self.lr}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
