@@ -18,3 +18,10 @@ __all__ = [
     "make_rule",
     "make_schedule",
 ]
+
+import pytorch_lightning.strategies as _pl_strategies
+
+from lightning_dana.strategy import DANAStrategy, register_strategies
+
+register_strategies(_pl_strategies.StrategyRegistry)
+__all__ += ["DANAStrategy", "register_strategies"]

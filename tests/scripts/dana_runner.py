@@ -1,0 +1,63 @@
+"""Run a multi-process script under subprocess, with a deadline, and read the JSON each rank wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("LOCAL_RANK", None)
+    e.pop("WORLD_SIZE", None)
+    e.update(PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    return e
+
+
+def run(cmd: list[str], timeout: float, cwd: Path = ROOT, wait_for: list[Path] | None = None) -> tuple[int, str, float]:
+    """Run ``cmd`` in its own session; kill the whole session at the end (orphaned ranks included).
+
+    ``wait_for``: files to wait for (up to ``timeout``) after the main process exits, for ranks
+    that outlive it (when rank 0 is killed).
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{cmd} ran past {timeout}s; output:\n{out[-6000:]}")
+    if wait_for:
+        while time.monotonic() - start < timeout and not all(p.exists() for p in wait_for):
+            time.sleep(0.5)
+    _kill(proc)
+    return proc.returncode, out, time.monotonic() - start
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: bool = False) -> dict[str, Any]:
+    """Run tests/scripts/dana_train.py; return {'rc', 'output', 'seconds', 'ranks': [rank0 json, rank1 json, ...]}."""
+    out = tmp / "out.json"
+    cmd = [PYTHON, str(SCRIPTS / "dana_train.py"), "--root", str(tmp), "--out", str(out), "--devices", str(devices), *args]
+    files = [out] + [Path(f"{out}.rank{r}") for r in range(1, devices)]
+    rc, output, seconds = run(cmd, timeout, wait_for=files if wait_ranks else None)
+    ranks = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    return {"rc": rc, "output": output, "seconds": seconds, "ranks": ranks}

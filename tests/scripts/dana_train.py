@@ -1,0 +1,189 @@
+"""One real multi-process training run, configured from the command line; rank 0 writes a JSON report.
+
+Driven by tests/test_strategy*.py, tests/test_faults.py and tests/test_mpi.py through
+subprocess (Lightning's own launcher re-runs this script for ranks 1..N-1).
+Fault injection: ``--kill-rank R --kill-step S`` (the process dies with SIGKILL at
+its step S), ``--nan-rank R --nan-step S`` (that step's loss is NaN),
+``--die-rank 0`` with ``--kill-step`` kills the master.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import lightning_dana  # noqa: E402,F401  (registers the strategy names)
+from lightning_dana import DANAStrategy  # noqa: E402
+
+
+def dataset(n: int = 384, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] - x[:, 2] > 0).long()
+    return TensorDataset(x, y)
+
+
+class Tiny(pl.LightningModule):
+    """Linear -> BatchNorm -> ReLU -> Linear: BatchNorm buffers travel with the pushes."""
+
+    def __init__(self, lr: float = 0.1, optimizer: str = "sgd", nan_rank: int = -1, nan_step: int = -1,
+                 kill_rank: int = -1, kill_step: int = -1, slow: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        rank = self.global_rank
+        if rank == h.kill_rank and self.steps == h.kill_step:
+            print(f"[test] rank {rank} killing itself at step {self.steps}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if h.slow:
+            time.sleep(h.slow)
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if rank == h.nan_rank and self.steps == h.nan_step:
+            loss = loss * float("nan")
+        self.steps += 1
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.5)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class Report(Callback):
+    """Collects what the tests check: push records, refusals, the optimizer state."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.records.extend(trainer.strategy.drain_push_records())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--algorithm", default="dana")
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="ModelCheckpoint every n train steps")
+    p.add_argument("--nan-rank", type=int, default=-1)
+    p.add_argument("--nan-step", type=int, default=-1)
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-step", type=int, default=-1)
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--start-method", default="popen")
+    p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
+    args = p.parse_args()
+
+    results: dict[str, Any] = {}
+    rank = 0
+    for algorithm in args.algorithm.split(","):
+        rank, results[algorithm] = fit(args, algorithm)
+        _write(args.out, rank, results)
+        if results[algorithm]["status"] != "ok":
+            raise SystemExit(1)
+
+
+class StartState(Callback):
+    """What training starts from: the master's version (rank 0) and this worker's optimizer state."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        server = trainer.strategy.server
+        self.state["server_version"] = server.version if server is not None else None
+        opt = trainer.optimizers[0]
+        self.state["momentum"] = [s["momentum_buffer"].reshape(-1).tolist() for s in opt.state.values()
+                                  if "momentum_buffer" in s]
+        self.state["params"] = [p.detach().reshape(-1).tolist() for p in pl_module.parameters()]
+
+
+def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
+    pl.seed_everything(0, workers=True)
+    model = Tiny(args.lr, args.optimizer, args.nan_rank, args.nan_step, args.kill_rank, args.kill_step, args.slow)
+    if args.strategy_name:
+        strategy: Any = algorithm
+    else:
+        strategy = DANAStrategy(algorithm=algorithm, transport=args.transport, timeout=args.timeout,
+                                gap_every=2, start_method=args.start_method)
+    report, start_state = Report(), StartState()
+    callbacks: list[Callback] = [report, start_state]
+    if args.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.root, "ckpts"), every_n_train_steps=args.checkpoint_every,
+                                         save_top_k=-1, save_last=True))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
+        default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks,
+    )
+    train = DataLoader(dataset(), batch_size=args.batch, shuffle=True)
+    val = DataLoader(dataset(128, seed=1), batch_size=64)
+    start = time.time()
+    result: dict[str, Any] = {}
+    try:
+        trainer.fit(model, train, val, ckpt_path=args.resume)
+        result["status"] = "ok"
+    except BaseException as error:  # noqa: BLE001 - the test reads what happened
+        result.update(status="error", error_type=type(error).__name__, error=str(error),
+                      seconds=time.time() - start, error_checkpoint=getattr(trainer.strategy, "error_checkpoint_path", None))
+        return trainer.global_rank, result
+    result["seconds"] = time.time() - start
+    result["val_acc"] = float(trainer.callback_metrics.get("val_acc", float("nan")))
+    result["val_loss"] = float(trainer.callback_metrics.get("val_loss", float("nan")))
+    result["global_step"] = trainer.global_step
+    result["refused"] = trainer.strategy.refused_pushes
+    result["records"] = [(r.worker, r.lag, r.gap) for r in report.records]
+    result["params"] = [p.detach().reshape(-1).tolist() for p in model.parameters()]
+    result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
+    result["start"] = start_state.state
+    if args.checkpoint_every:
+        result["last_ckpt"] = os.path.join(args.root, "ckpts", "last.ckpt")
+    return trainer.global_rank, result
+
+
+def _write(out: str, rank: int, result: dict[str, Any]) -> None:
+    path = out if rank == 0 else f"{out}.rank{rank}"
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
