@@ -24,7 +24,7 @@ class NonFinitePushError(ValueError):
 class PushRecord:
     worker: int
     lag: int  # τ: pushes the master applied between this worker's pull and this push
-    gap: float | None  # G(pulled − current view), None where not sampled
+    gap: float | None  # G(pulled − master's θ at apply time), None where not sampled
     time: float  # time.monotonic() when applied
 
 
@@ -81,7 +81,9 @@ class ParameterServer:
             self._probe = None
         gap = None
         if pulled is not None:
-            gap = float(layer_gap(pulled[: self.numel] - self.rule.reply(worker), self.sizes))
+            # Δθ of section 3: the parameters the push was computed on against the master's own
+            # parameters it is applied to (θ, or Θ for dana); for dana_zero this is equation 5
+            gap = float(layer_gap(pulled[: self.numel] - self.rule.theta, self.sizes))
         lag = self.version - self.pulled_version[worker]
         self.rule.apply(worker, payload[: self.numel], lr)
         self.buffers.add_(payload[self.numel :])
