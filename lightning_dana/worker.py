@@ -11,6 +11,7 @@ worker's batches in arrival order.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -39,6 +40,12 @@ def check_optimizer(algorithm: str, optimizer: Optimizer) -> float:
         raise ValueError(
             f"algorithm={algorithm!r} keeps its momentum at the master and needs one momentum for all param groups, "
             f"got {sorted(momenta)}; use algorithm='dana' for per-group momentum"
+        )
+    if rule.uses_momentum and momenta != {0.0} and not all(g.get("nesterov") for g in optimizer.param_groups):
+        warnings.warn(
+            f"algorithm={algorithm!r} applies Nesterov momentum at the master, as the paper does; "
+            "the optimizer's nesterov=False is ignored (set nesterov=True to silence this)",
+            stacklevel=2,
         )
     return momenta.pop() if rule.uses_momentum else 0.0
 
