@@ -55,9 +55,17 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: bool = False) -> dict[str, Any]:
     """Run tests/scripts/dana_train.py; return {'rc', 'output', 'seconds', 'ranks': [rank0 json, rank1 json, ...]}."""
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "out.json"
     cmd = [PYTHON, str(SCRIPTS / "dana_train.py"), "--root", str(tmp), "--out", str(out), "--devices", str(devices), *args]
     files = [out] + [Path(f"{out}.rank{r}") for r in range(1, devices)]
     rc, output, seconds = run(cmd, timeout, wait_for=files if wait_ranks else None)
     ranks = [json.loads(f.read_text()) if f.exists() else None for f in files]
     return {"rc": rc, "output": output, "seconds": seconds, "ranks": ranks}
+
+
+def train_script(tmp: Path, script: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+    """Run tests/scripts/<script> with ``args``; read ``tmp/out.json`` if rank 0 wrote it."""
+    rc, output, seconds = run([PYTHON, str(SCRIPTS / script), *args], timeout)
+    out = tmp / "out.json"
+    return {"rc": rc, "output": output, "seconds": seconds, "json": json.loads(out.read_text()) if out.exists() else None}

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -149,6 +149,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.root, "ckpts"), every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1, save_last=True))
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=100))
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
         default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
