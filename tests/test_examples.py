@@ -149,6 +149,24 @@ def test_mnist1d_demo_runs_simulated(tmp_path, capsys):
     assert "vs. baseline" in capsys.readouterr().out
 
 
+def test_mnist1d_demo_runs_real_worker_processes(tmp_path):
+    """The README's main job, default mode: baseline, then N worker processes via strategy="dana"."""
+    import subprocess
+
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    import lightning_dana  # noqa: F401
+
+    if "dana" not in StrategyRegistry:
+        pytest.skip('Trainer(strategy="dana") is not registered yet')
+    cmd = [sys.executable, "-m", "examples.mnist1d.demo", "--mode", "real", "--workers", "2", "--epochs", "1",
+           "--num-samples", "600", "--data-dir", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dana, 2 worker processes" in done.stdout and "vs. baseline" in done.stdout
+    assert done.stdout.count("test acc") == 1  # only rank 0 prints the table
+
+
 # Paper recipes on FakeData ------------------------------------------------------------
 
 

@@ -85,13 +85,12 @@ def run_simulated(args: argparse.Namespace) -> Result:
 
 
 def run_real(args: argparse.Namespace) -> Result:
-    """N real asynchronous worker processes on this machine's CPU.
+    """N real asynchronous worker processes on this machine's CPU (``strategy="dana"``).
 
-    TODO(real strategy): written against the planned API
-    ``Trainer(strategy="dana", devices=N)``; check it (algorithm selection,
-    result reporting on rank 0) once lightning_dana's real strategy lands.
     Lightning's launcher re-runs this script in each extra process, which is
-    why ``main`` skips the baseline there (``is_launched_child``).
+    why ``main`` skips the baseline there (``is_launched_child``). Each worker
+    sees 1/N of every epoch (DistributedSampler), so an epoch is still one pass
+    over the data and the recipe's schedule keeps its meaning.
     """
     if not real_strategy_available():
         raise SystemExit(
