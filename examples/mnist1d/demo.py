@@ -1,6 +1,6 @@
 """Same recipe, one worker vs N asynchronous workers: final test accuracy side by side.
 
-    python -m examples.mnist1d.demo                      # real async processes if available, else simulated
+    python -m examples.mnist1d.demo                      # 3 real asynchronous worker processes
     python -m examples.mnist1d.demo --mode simulated --workers 8 --epochs 20
 
 DANA's claim is out-of-the-box accuracy: the N-worker run uses exactly the
@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
-from pytorch_lightning.strategies import StrategyRegistry
-
 import lightning_dana
 from examples.mnist1d.data import DEFAULT_DATA_DIR, MNIST1DDataModule
 from examples.mnist1d.model import MNIST1DClassifier
@@ -31,11 +29,6 @@ class Result:
     workers: int
     test_acc: float
     seconds: float
-
-
-def real_strategy_available() -> bool:
-    """True once ``Trainer(strategy="dana")`` resolves (the real async strategy is registered)."""
-    return "dana" in StrategyRegistry
 
 
 def is_launched_child() -> bool:
@@ -92,11 +85,6 @@ def run_real(args: argparse.Namespace) -> Result:
     sees 1/N of every epoch (DistributedSampler), so an epoch is still one pass
     over the data and the recipe's schedule keeps its meaning.
     """
-    if not real_strategy_available():
-        raise SystemExit(
-            'The real asynchronous strategy (Trainer(strategy="dana")) is not available in this '
-            "version of lightning_dana; run with --mode simulated."
-        )
     name = f"{args.algorithm}, {args.workers} worker processes"
     return fit_and_test(
         name, args.workers, args, strategy=args.algorithm, devices=args.workers, callbacks=async_callbacks()
@@ -118,9 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mode",
         choices=("simulated", "real"),
-        default="real" if real_strategy_available() else "simulated",
-        help="real: N worker processes (strategy='dana'); simulated: N virtual workers in one "
-        "process (default: real when the installed lightning_dana provides it)",
+        default="real",
+        help="real: N asynchronous worker processes (strategy='dana', default); simulated: N virtual "
+        "workers in one process (SimulatedWorkers)",
     )
     parser.add_argument("--workers", type=int, default=None, help="N (default: 8 simulated, 3 real)")
     parser.add_argument("--epochs", type=int, default=20)
@@ -129,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=20000, help="generated training samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache of the generated data")
-    parser.add_argument("--progress-bar", action="store_true")
+    parser.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     args = parser.parse_args(argv)
     if args.workers is None:
         args.workers = 8 if args.mode == "simulated" else 3
