@@ -201,7 +201,7 @@ class Master:
         if src is None:
             src = header.worker
         if src in self.broken:
-            self._send(src, Header(Msg.ERROR, src, code=ErrorCode.BROKEN))
+            self._send(src, Header(Msg.ERROR, src, self._buffer.numel(), code=ErrorCode.BROKEN))
             return
         if header.worker != src:
             self._refuse(src, ErrorCode.WRONG_WORKER, f"rank {src} sent a header naming worker {header.worker}")

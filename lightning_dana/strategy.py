@@ -462,10 +462,33 @@ class DANAStrategy(DDPStrategy):
                 self._client.send_done(failed=True, timeout=min(self.timeout_s, 10.0))
             except Exception as error:  # noqa: BLE001 - the original exception is what the user must see
                 log.warning(f"could not tell the master that this worker failed: {error}")
-        if self._master is None:
-            return
-        self._master.abort()  # no-op when a lost worker already set the reason
-        self._save_error_checkpoint()
+        master = self._master
+        if master is not None:
+            if _is_connection_error(exception) and isinstance(self._launcher, _WatchedSubprocessLauncher):
+                deadline = time.monotonic() + 2.0  # give the launcher's watcher a moment to name the dead worker
+                while not master.lost and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            master.abort()  # no-op when a lost worker already set the reason
+            self._save_error_checkpoint()
+        if _is_connection_error(exception):
+            _add_note(exception, self._explain_lost_peer())
+
+    def _explain_lost_peer(self) -> str:
+        lost = dict(self._master.lost) if self._master is not None else dict(self._lost)
+        who = "; ".join(lost.values()) if lost else "another process (a worker, or rank 0 with the master) is gone"
+        if self._error_checkpoint_path:
+            saved = f"rank 0 saved the master's model to {self._error_checkpoint_path}"
+        elif self._master is not None:
+            saved = "rank 0 could not save the master's model (see its log)"
+        else:
+            saved = (
+                "if rank 0 is alive it saved the master's model to "
+                f"{os.path.join(self.lightning_module.trainer.default_root_dir, self.error_checkpoint or '?')}"
+            )
+        return (
+            f"lightning-dana (rank {self.global_rank}): lost a peer: {who}. Lightning's collectives need every rank, "
+            f"so training stops on all ranks; {saved}; resume with trainer.fit(..., ckpt_path=...)"
+        )
 
     def _save_error_checkpoint(self) -> None:
         """Rank 0 writes the master's model, without collectives (other ranks may be gone)."""
@@ -495,10 +518,10 @@ class DANAStrategy(DDPStrategy):
         master = self._master
         if master is not None and master.running:
             master.abort()
-            if not master.join(min(self.timeout_s, 10.0)):
+            if not master.join(min(self.timeout_s, 3.0)):
                 log.warning(
-                    "[dana] the master's serving thread is still waiting for workers "
-                    f"{sorted(master._remote_active())}; leaving it (daemon thread)"
+                    "[dana] the master's serving thread is still blocked in a receive (workers "
+                    f"{sorted(master._remote_active())} have not stopped); leaving it, a daemon thread, to exit with the process"
                 )
         path = self._error_checkpoint_path
         refused = self.refused_pushes
@@ -521,6 +544,21 @@ def register_strategies(registry: Any) -> None:
             override=True,
             algorithm=name,
         )
+
+
+def _is_connection_error(exception: BaseException) -> bool:
+    text = str(exception)
+    return isinstance(exception, RuntimeError) and any(
+        key in text for key in ("Connection closed by peer", "Connection reset by peer", "Read error", "Broken pipe")
+    )
+
+
+def _add_note(exception: BaseException, note: str) -> None:
+    """Append ``note`` to the message Lightning re-raises (the same object, as _augment_message does)."""
+    if exception.args and isinstance(exception.args[0], str):
+        exception.args = (f"{exception.args[0]}\n{note}", *exception.args[1:])
+    else:
+        exception.add_note(note)
 
 
 # --------------------------------------------------------------------------------------

@@ -342,15 +342,16 @@ class WorkerClient:
             # post the receives first, so the master's replies complete as soon as they are sent
             reply_header = t.irecv(self._reply, self.master, TAG_REPLY_HEADER)
             reply_payload = t.irecv(data_out, self.master, TAG_REPLY_PAYLOAD)
-            sends = [t.isend(self._header, self.master, TAG_HEADER)]
-            if payload is not None:
-                sends.append(t.isend(payload, self.master, TAG_PAYLOAD))
+            header_sent = t.isend(self._header, self.master, TAG_HEADER)
+            payload_sent = t.isend(payload, self.master, TAG_PAYLOAD) if payload is not None else None
             deadline = time.monotonic() + self.timeout
-            for handle in sends:
-                t.wait(handle, _left(deadline), f"the master (rank {self.master}) to take {msg.name} #{self.rank}")
+            t.wait(header_sent, _left(deadline), f"the master (rank {self.master}) to take this worker's {msg.name}")
             t.wait(reply_header, _left(deadline), f"the master's reply to this worker's {msg.name}")
             reply = decode(self._reply)
+            # a refused message's payload is never read: wait for it only when the master took it
             if reply.type in (Msg.REPLY, Msg.REFUSED):
+                if payload_sent is not None:
+                    t.wait(payload_sent, _left(deadline), f"the master to take this worker's {msg.name} payload")
                 t.wait(reply_payload, _left(deadline), "the parameters in the master's reply")
         except (TransportError, ProtocolError) as error:
             self.broken = True
@@ -373,7 +374,10 @@ class WorkerClient:
                     f"training stops: worker rank {reply.version} was lost, so Lightning's collectives can no "
                     "longer complete; rank 0 saves the master's parameters to a checkpoint (see its log)"
                 )
-            raise TrainingAborted("training stops: the master (rank 0) failed; see rank 0's log for the cause")
+            raise TrainingAborted(
+                "training stops: rank 0 (the master) stopped on an error and saved the master's model; see rank 0's "
+                "log for the cause"
+            )
         if reply.type not in (Msg.REPLY, Msg.REFUSED):
             self.broken = True
             raise ProtocolError(f"the master answered with message type {reply.type!r}, expected a reply")

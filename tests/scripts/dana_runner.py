@@ -53,13 +53,16 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: bool = False) -> dict[str, Any]:
-    """Run tests/scripts/dana_train.py; return {'rc', 'output', 'seconds', 'ranks': [rank0 json, rank1 json, ...]}."""
+def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: list[int] | None = None) -> dict[str, Any]:
+    """Run tests/scripts/dana_train.py; return {'rc', 'output', 'seconds', 'ranks': [rank0 json, rank1 json, ...]}.
+
+    ``wait_ranks``: ranks whose report to wait for after the main process ended (they may outlive it).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "out.json"
     cmd = [PYTHON, str(SCRIPTS / "dana_train.py"), "--root", str(tmp), "--out", str(out), "--devices", str(devices), *args]
     files = [out] + [Path(f"{out}.rank{r}") for r in range(1, devices)]
-    rc, output, seconds = run(cmd, timeout, wait_for=files if wait_ranks else None)
+    rc, output, seconds = run(cmd, timeout, wait_for=[files[r] for r in wait_ranks] if wait_ranks else None)
     ranks = [json.loads(f.read_text()) if f.exists() else None for f in files]
     return {"rc": rc, "output": output, "seconds": seconds, "ranks": ranks}
 

@@ -135,6 +135,11 @@ class StartState(Callback):
                                   if "momentum_buffer" in s]
         self.state["params"] = [p.detach().reshape(-1).tolist() for p in pl_module.parameters()]
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        master = trainer.strategy.master
+        if master is not None:
+            self.state["master_refused"] = list(master.refused)
+
 
 def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     pl.seed_everything(0, workers=True)
