@@ -36,7 +36,7 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -132,6 +132,7 @@ class DANAStrategy(DDPStrategy):
         self.gap_every = gap_every
         self.error_checkpoint = error_checkpoint
         self.refused_pushes = 0  # this worker's pushes the master refused (NaN/Inf)
+        self.master_refused: list[int] = []  # rank 0, after fit: refused pushes per worker
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -246,6 +247,7 @@ class DANAStrategy(DDPStrategy):
         else:
             self._client = WorkerClient(transport, self.global_rank, len(optimizer.param_groups), self.timeout_s)
         self._fit_active = True
+        _unsync_sigterm_check(trainer)
         rank_zero_info(
             f"DANAStrategy: {self.world_size} workers, algorithm={self.algorithm!r}, transport={self._transport_name!r}, "
             f"{flat.payload_numel} values per push"
@@ -365,6 +367,8 @@ class DANAStrategy(DDPStrategy):
                 f"after {self.timeout_s:.0f}s"
             )
         self._check_health()
+        if self._master is not None:
+            self.master_refused = list(self._master.refused)
         self._load_master()
         self._fit_active = False
 
@@ -468,7 +472,7 @@ class DANAStrategy(DDPStrategy):
         if master is not None:
             if _is_connection_error(exception) and isinstance(self._launcher, _WatchedSubprocessLauncher):
                 deadline = time.monotonic() + 2.0  # give the launcher's watcher a moment to name the dead worker
-                while not master.lost and time.monotonic() < deadline:
+                while not self._lost and time.monotonic() < deadline:
                     time.sleep(0.1)
             master.abort()  # no-op when a lost worker already set the reason
             self._save_error_checkpoint()
@@ -525,6 +529,9 @@ class DANAStrategy(DDPStrategy):
                     "[dana] the master's serving thread is still blocked in a receive (workers "
                     f"{sorted(master._remote_active())} have not stopped); leaving it, a daemon thread, to exit with the process"
                 )
+        module = self.lightning_module
+        if module is not None and module._trainer is not None:
+            module.trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
         path = self._error_checkpoint_path
         refused = self.refused_pushes
         self._reset_fit_state()
@@ -546,6 +553,22 @@ def register_strategies(registry: Any) -> None:
             override=True,
             algorithm=name,
         )
+
+
+def _unsync_sigterm_check(trainer: pl.Trainer) -> None:
+    """Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every training batch: a per-step
+    collective that lines every worker up with the slowest (measured: fast workers at the straggler's
+    rate). Under DANA each rank checks its own flag instead; a rank stopping on SIGTERM tells the
+    master (``on_exception``), which stops the others and saves its model."""
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+        return
+
+    def check_local_sigterm() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    loop._broadcast_sigterm_tensor = check_local_sigterm  # instance attribute; removed at teardown
 
 
 def _is_connection_error(exception: BaseException) -> bool:

@@ -176,6 +176,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     result["val_loss"] = float(trainer.callback_metrics.get("val_loss", float("nan")))
     result["global_step"] = trainer.global_step
     result["refused"] = trainer.strategy.refused_pushes
+    result["master_refused"] = trainer.strategy.master_refused
     result["records"] = [(r.worker, r.lag, r.gap) for r in report.records]
     result["params"] = [p.detach().reshape(-1).tolist() for p in model.parameters()]
     result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
