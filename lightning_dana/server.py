@@ -32,9 +32,9 @@ class ParameterServer:
     """Applies pushes in arrival order and answers each with the pusher's next parameters.
 
     ``gap_every``: where the caller cannot give the parameters a push was computed
-    on (real workers), the server keeps one copy of one reply in every
-    ``gap_every`` pushes and measures the gap when that worker pushes next
-    (0: never). Callers that pass ``pulled`` get the gap of every push for free.
+    on (real workers), the server keeps a copy of one reply, to each worker in
+    turn, at least ``gap_every`` pushes apart, and measures the gap when that
+    worker pushes next (0: never). Callers that pass ``pulled`` get the gap of every push for free.
     """
 
     def __init__(
@@ -53,6 +53,7 @@ class ParameterServer:
         self.pulled_version = [0] * rule.num_workers
         self.refused = 0
         self._probe: tuple[int, Tensor] | None = None
+        self._probe_worker, self._probe_due = 0, 0
 
     @property
     def payload_numel(self) -> int:
@@ -63,7 +64,7 @@ class ParameterServer:
         out[: self.numel].copy_(self.rule.reply(worker))
         out[self.numel :].copy_(self.buffers)
         self.pulled_version[worker] = self.version
-        if self.gap_every and self._probe is None and self.version % self.gap_every == 0:
+        if self.gap_every and self._probe is None and worker == self._probe_worker and self.version >= self._probe_due:
             self._probe = (worker, out[: self.numel].clone())
         return out
 
@@ -79,6 +80,9 @@ class ParameterServer:
         if pulled is None and self._probe is not None and self._probe[0] == worker:
             pulled = self._probe[1]
             self._probe = None
+            # the next probe goes to the next worker, at least gap_every pushes later: every worker gets sampled
+            self._probe_worker = (worker + 1) % self.rule.num_workers
+            self._probe_due = self.version + self.gap_every
         gap = None
         if pulled is not None:
             # Δθ of section 3: the parameters the push was computed on against the master's own

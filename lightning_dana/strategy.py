@@ -294,8 +294,6 @@ class DANAStrategy(DDPStrategy):
         if kind == Msg.REFUSED:
             self._on_refused()
         self._worker.load(self._pulled)
-        # gradient-pushing rules never call optimizer.step() here: tell torch's LR schedulers a step happened
-        self._optimizer._opt_called = True  # type: ignore[attr-defined]
 
     def _on_refused(self) -> None:
         self.refused_pushes += 1

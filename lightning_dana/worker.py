@@ -72,6 +72,8 @@ class WorkerPush:
             self.flat.read_params(params).sub_(pulled[:n])
         else:
             self.flat.read_grads(params)
+            # the optimizer never steps here: tell torch's LR schedulers a step happened all the same
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
             decay = self.flat.group_values(optimizer_values(self.optimizer, "weight_decay"))
             if isinstance(decay, Tensor):
                 params.addcmul_(decay, pulled[:n])

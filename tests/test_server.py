@@ -204,8 +204,15 @@ def test_gap_probe_measures_what_an_explicit_pulled_would():
         if got.gap is not None:
             sampled += 1
             assert got.gap == pytest.approx(want, rel=1e-12, abs=1e-15)
-    # one probe at a time, taken at a pull whose version is a multiple of gap_every
+    # one probe at a time, at least gap_every pushes apart
     assert len(order) / (2 * k + 2 * n) <= sampled <= len(order) / k + 1
+
+
+def test_gap_probe_visits_every_worker_in_turn():
+    n = 4
+    cluster = Cluster("asgd", n, gap_every=5)
+    measured = [r.worker for r in (cluster.step(i, pass_pulled=False) for i in round_robin(n, 40 * n)) if r.gap is not None]
+    assert measured[:8] == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
 def test_gap_probe_keeps_its_own_copy_of_the_reply():
