@@ -20,7 +20,6 @@ import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
 
 import pytorch_lightning as pl
 from lightning_dana.flat import FlatModel

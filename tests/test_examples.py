@@ -35,13 +35,6 @@ needs_simulated = pytest.mark.skipif(SimulatedWorkers is None, reason="lightning
 EXAMPLES = ROOT / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

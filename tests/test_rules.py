@@ -27,13 +27,6 @@ LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
 STEPS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine (x1000 slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------

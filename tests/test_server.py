@@ -20,12 +20,6 @@ SIZES = [2, 3]  # two "layers": a parameter tensor of 2 elements and one of 3
 MOMENTUM = 0.9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quadratic(dim: int, seed: int = 0):

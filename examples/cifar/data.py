@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
+
+from examples.image_data import TrainTestDataModule
 
 STATS = {  # per-channel mean and std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -34,7 +34,7 @@ def cifar_transforms(dataset: str, train: bool, image_size: int = 32) -> transfo
     return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-class CIFARDataModule(pl.LightningDataModule):
+class CIFARDataModule(TrainTestDataModule):
     """CIFAR-10/100 loaders for the paper's recipes.
 
     Args:
@@ -67,8 +67,6 @@ class CIFARDataModule(pl.LightningDataModule):
             raise ValueError("image_size other than 32 only makes sense with fake_data")
         self.save_hyperparameters()
         self.num_classes = NUM_CLASSES[dataset]
-        self.train_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     def _make(self, train: bool) -> Dataset:
         hp = self.hparams
@@ -95,30 +93,3 @@ class CIFARDataModule(pl.LightningDataModule):
         if self.hparams.download and not self.hparams.fake_data:
             for train in (True, False):
                 self._make(train)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None and stage in (None, "fit"):
-            self.train_set = self._make(train=True)
-        if self.test_set is None:
-            self.test_set = self._make(train=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
+
+from examples.image_data import TrainTestDataModule
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -30,7 +30,7 @@ def imagenet_transforms(train: bool, image_size: int = 224) -> transforms.Compos
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(TrainTestDataModule):
     """ImageNet loaders for the ResNet-50 recipe.
 
     Args:
@@ -59,8 +59,6 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise ValueError("image_size other than 224 only makes sense with fake_data")
         self.save_hyperparameters()
         self.num_classes = fake_num_classes if fake_data else 1000
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
 
     def _make(self, train: bool) -> Dataset:
         hp = self.hparams
@@ -82,30 +80,3 @@ class ImageNetDataModule(pl.LightningDataModule):
                 "class folders, or set `data.fake_data: true` for a smoke test"
             )
         return datasets.ImageFolder(folder, transform=transform)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None and stage in (None, "fit"):
-            self.train_set = self._make(train=True)
-        if self.val_set is None:
-            self.val_set = self._make(train=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
