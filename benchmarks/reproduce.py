@@ -473,10 +473,11 @@ def plot_error_vs_workers(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="workers N", ylabel="final test error (%)")
         ax.set_title(f"MNIST-1D, {schedule.replace('_', ' ')}")
         ax.set_xticks(sorted({n for n, _ in groups}), labels=[str(n) for n in sorted({n for n, _ in groups})])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -489,32 +490,51 @@ def curve(groups: dict[tuple[int, str], list[float]], algorithm: str) -> list[tu
     return sorted(points)
 
 
-def plot_gaps(gap_dir: Path, path: Path, schedule: str = "block_random") -> None:
-    """Figure 1(b): the gap G(Δθ) over training at one N, for each asynchronous algorithm (seed 0)."""
+def plot_gaps(rows: list[dict], gap_dir: Path, path: Path, schedule: str = "block_random") -> None:
+    """Figure 1: (a) mean gap against N per algorithm (from the CSV), (b) the gap over training at one N (seed 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(gap_dir.glob(f"N*_*_{schedule}_s0.json"))
-    if not files:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for algorithm in ASYNC_ALGORITHMS:
+        points = sorted(
+            (n, mean_std(v)[0]) for (n, alg), v in gap_by_workers(rows, schedule).items() if alg == algorithm
+        )
+        if points:
+            a.plot(*zip(*points), marker="o", ms=3, label=LABELS[algorithm])
+    a.set(xscale="log", yscale="log", xlabel="workers N", ylabel="mean gap over training")
+    ticks = sorted({n for n, _ in gap_by_workers(rows, schedule)})
+    a.set_xticks(ticks, labels=[str(n) for n in ticks])
+    a.minorticks_off()
+    a.set_title(f"(a) gap against N, {schedule.replace('_', ' ')}")
     workers = None
     for algorithm in ASYNC_ALGORITHMS:
-        for f in files:
-            n, name = f.stem.split("_")[0][1:], f.stem[len(f.stem.split("_")[0]) + 1 : -len(f"_{schedule}_s0")]
-            if name == algorithm:
-                h = json.loads(f.read_text())
-                ax.plot(h["step"], h["gap"], lw=1, label=LABELS[algorithm])
-                workers = n
-    ax.set(yscale="log", xlabel="training step (pushes)", ylabel="gap G(θ_t − θ_{t+τ})")
-    ax.set_title(f"Gap during training, N = {workers}, {schedule.replace('_', ' ')}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        for f in sorted(gap_dir.glob(f"N*_{algorithm}_{schedule}_s0.json")):
+            n, name = f.stem.split("_", 1)  # "N16", "nag_asgd_block_random_s0": glob's * also matches "16_nag"
+            if name != f"{algorithm}_{schedule}_s0":
+                continue
+            h = json.loads(f.read_text())
+            b.plot(h["step"], h["gap"], lw=1, label=LABELS[algorithm])
+            workers = n[1:]
+    b.set(yscale="log", xlabel="training step (pushes)", ylabel="gap G(θ_t − θ_{t+τ})")
+    b.set_title(f"(b) gap during training, N = {workers}, seed 0")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def gap_by_workers(rows: Iterable[dict], schedule: str) -> dict[tuple[int, str], list[float]]:
+    groups: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["schedule"] == schedule and r["workers"] > 1:
+            groups[(r["workers"], r["algorithm"])].append(r["gap_mean"])
+    return groups
 
 
 def gamma_speedups(
@@ -562,7 +582,7 @@ def plot_speedup(path: Path, workers: Sequence[int] = tuple(range(1, 65))) -> di
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return s
 
@@ -573,7 +593,7 @@ def write_report(out: Path) -> None:
     if rows:
         (out / "table.md").write_text(table_markdown(rows))
         plot_error_vs_workers(rows, out / "fig2_error_vs_workers.png")
-    plot_gaps(out / "gaps", out / "fig1_gap.png")
+        plot_gaps(rows, out / "gaps", out / "fig1_gap.png")
     s = plot_speedup(out / "fig5_speedup.png")
     picks = [n for n in (1, 2, 4, 8, 16, 24, 32, 64) if n in s["workers"]]
     lines = ["| N | async speedup | sync speedup | async / sync |", "| ---: | ---: | ---: | ---: |"]
@@ -626,6 +646,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-sweep", action="store_true", help="run the N = 1 lr sweep instead of the sweep")
     parser.add_argument("--report-only", action="store_true", help="only write table.md and plots from runs.csv")
     parser.add_argument("--no-round-robin", action="store_true", help="skip the optional round-robin runs")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr (a sensitivity check)")
+    parser.add_argument("--seeds", type=int, default=None, help="keep only the first k seeds of each schedule")
+    parser.add_argument("--schedules", nargs="+", default=None, help="keep only these schedules")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset = "quick"
@@ -638,11 +661,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def narrow(preset: Preset, args: argparse.Namespace) -> Preset:
+    """The preset with the command line's overrides (lr, schedules, seeds); the recipe is otherwise fixed."""
+    seeds = dict(preset.schedule_seeds)
+    if args.no_round_robin:
+        seeds.pop("round_robin", None)
+    if args.schedules:
+        seeds = {k: v for k, v in seeds.items() if k in args.schedules}
+    if args.seeds is not None:
+        seeds = {k: v[: args.seeds] for k, v in seeds.items()}
+    recipe = preset.recipe if args.lr is None else replace(preset.recipe, lr=args.lr)
+    return replace(preset, recipe=recipe, schedule_seeds=seeds)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    if args.no_round_robin:
-        preset = replace(preset, schedule_seeds={k: v for k, v in preset.schedule_seeds.items() if k != "round_robin"})
+    preset = narrow(preset, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe.json").write_text(json.dumps({"preset": args.preset, **asdict(preset.recipe)}, indent=1))
     if args.lr_sweep:
