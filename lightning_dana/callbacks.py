@@ -202,3 +202,9 @@ class GapMonitor(Callback):
         for worker, count in sorted(per_worker.items()):
             metrics[f"dana/pushes_per_s/worker_{worker}"] = count / max(seconds, 1e-9)
         return metrics
+
+
+def ensure_gap_monitor(trainer: pl.Trainer) -> None:
+    """Lag and gap reach the loggers without the user asking: add a GapMonitor unless one is there."""
+    if not any(isinstance(c, GapMonitor) for c in trainer.callbacks):
+        trainer.callbacks.append(GapMonitor())

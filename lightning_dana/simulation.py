@@ -22,6 +22,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 import pytorch_lightning as pl
+from lightning_dana.callbacks import ensure_gap_monitor
 from lightning_dana.flat import FlatModel
 from lightning_dana.rules import check_algorithm, make_rule
 from lightning_dana.schedules import make_schedule
@@ -111,6 +112,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
         # dana: every worker runs its own copy of the user's optimizer state
         self._worker_states = [optimizer.state] + [defaultdict(dict) for _ in range(self.num_workers - 1)]
         self._proxy = StepProxy(optimizer, self._push_pull)
+        ensure_gap_monitor(trainer)
 
     # the worker's step --------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 import pytorch_lightning as pl
+from lightning_dana.callbacks import ensure_gap_monitor
 from lightning_dana.flat import FlatModel, optimizer_values
 from lightning_dana.master import Master
 from lightning_dana.rules import ALGORITHMS, check_algorithm, make_rule
@@ -248,6 +249,7 @@ class DANAStrategy(DDPStrategy):
             self._client = WorkerClient(transport, self.global_rank, len(optimizer.param_groups), self.timeout_s)
         self._fit_active = True
         _unsync_sigterm_check(trainer)
+        ensure_gap_monitor(trainer)
         rank_zero_info(
             f"DANAStrategy: {self.world_size} workers, algorithm={self.algorithm!r}, transport={self._transport_name!r}, "
             f"{flat.payload_numel} values per push"

@@ -103,6 +103,13 @@ def test_lag_and_gap_reach_the_logger(tmp_path):
     assert len(monitor.history) == 8
 
 
+def test_lag_and_gap_are_logged_without_asking(tmp_path):
+    t, _ = fit(SimulatedWorkers(2, "dana"), epochs=1, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=4)
+    assert sum(isinstance(c, GapMonitor) for c in t.callbacks) == 1
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    assert [float(r["dana/lag_mean"]) for r in rows if r.get("dana/lag_mean")][-1] == 1.0
+
+
 @pytest.mark.parametrize("schedule", ["block_random", "gamma"])
 def test_resume_continues_bit_for_bit(tmp_path, schedule):
     strategy = lambda: SimulatedWorkers(3, "dana", schedule=schedule, seed=7)  # noqa: E731
