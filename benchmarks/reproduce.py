@@ -649,6 +649,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr (a sensitivity check)")
     parser.add_argument("--seeds", type=int, default=None, help="keep only the first k seeds of each schedule")
     parser.add_argument("--schedules", nargs="+", default=None, help="keep only these schedules")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="keep only these N (ablations)")
+    parser.add_argument("--algorithms", nargs="+", default=None, help="keep only these algorithms (ablations)")
+    parser.add_argument("--warmup-epochs", type=float, default=None, help="override the warm-up (an ablation)")
+    parser.add_argument("--num-samples", type=int, default=None, help="override the data size (an ablation)")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset = "quick"
@@ -662,7 +666,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def narrow(preset: Preset, args: argparse.Namespace) -> Preset:
-    """The preset with the command line's overrides (lr, schedules, seeds); the recipe is otherwise fixed."""
+    """The preset with the command line's overrides: sensitivity checks and ablations, each into its own --out."""
     seeds = dict(preset.schedule_seeds)
     if args.no_round_robin:
         seeds.pop("round_robin", None)
@@ -670,8 +674,11 @@ def narrow(preset: Preset, args: argparse.Namespace) -> Preset:
         seeds = {k: v for k, v in seeds.items() if k in args.schedules}
     if args.seeds is not None:
         seeds = {k: v[: args.seeds] for k, v in seeds.items()}
-    recipe = preset.recipe if args.lr is None else replace(preset.recipe, lr=args.lr)
-    return replace(preset, recipe=recipe, schedule_seeds=seeds)
+    overrides = {"lr": args.lr, "warmup_epochs": args.warmup_epochs, "num_samples": args.num_samples}
+    recipe = replace(preset.recipe, **{k: v for k, v in overrides.items() if v is not None})
+    workers = tuple(args.workers) if args.workers else preset.workers
+    algorithms = tuple(args.algorithms) if args.algorithms else preset.algorithms
+    return replace(preset, recipe=recipe, schedule_seeds=seeds, workers=workers, algorithms=algorithms)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
