@@ -2,9 +2,9 @@
 
 Parameters are taken in the order of the optimizer's param groups, so each group
 is one contiguous slice (its lr and weight decay apply slice by slice). Buffers
-(BatchNorm running statistics and their counters) follow the parameters in the
-same message; integer buffers travel as floating point (exact below 2**24 steps
-in float32).
+follow the parameters in the same message: floating-point statistics (BatchNorm
+running mean and variance) first, integer counters (``num_batches_tracked``)
+last, as floating point (exact below 2**24 steps in float32).
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ class FlatModel:
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         self.group_sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
-        self.buffers: list[Tensor] = [b for _, b in module.named_buffers() if b is not None]
+        named = [(n, b) for n, b in module.named_buffers() if b is not None]
+        named.sort(key=lambda item: not item[1].dtype.is_floating_point)  # statistics, then counters
+        self.buffer_names = [n for n, _ in named]
+        self.buffers: list[Tensor] = [b for _, b in named]
+        #: trailing buffer values that count (the master adds their changes instead of taking them)
+        self.counter_numel = sum(b.numel() for b in self.buffers if not b.dtype.is_floating_point)
         self.buffer_sizes = [b.numel() for b in self.buffers]
         self.buffer_numel = sum(self.buffer_sizes)
         self.payload_numel = self.numel + self.buffer_numel

@@ -31,6 +31,9 @@ class PushRecord:
 class ParameterServer:
     """Applies pushes in arrival order and answers each with the pusher's next parameters.
 
+    ``counters``: how many trailing buffer values are counters, whose changes add
+    up; the other buffer values are statistics, replaced by each push's.
+
     ``gap_every``: where the caller cannot give the parameters a push was computed
     on (real workers), the server keeps a copy of one reply, to each worker in
     turn, at least ``gap_every`` pushes apart, and measures the gap when that
@@ -43,12 +46,14 @@ class ParameterServer:
         sizes: list[int],
         buffers: Tensor,
         gap_every: int = 0,
+        counters: int = 0,
     ) -> None:
         self.rule = rule
         self.sizes = sizes
         self.numel = sum(sizes)
         self.buffers = buffers.detach().clone()
         self.gap_every = gap_every
+        self.counters = counters
         self.version = 0
         self.pulled_version = [0] * rule.num_workers
         self.refused = 0
@@ -90,7 +95,11 @@ class ParameterServer:
             gap = float(layer_gap(pulled[: self.numel] - self.rule.theta, self.sizes))
         lag = self.version - self.pulled_version[worker]
         self.rule.apply(worker, payload[: self.numel], lr)
-        self.buffers.add_(payload[self.numel :])
+        # running statistics: take the pusher's (adding N stale EMA changes overshoots once N·m > 2);
+        # counters (the last ``counters`` values): add the pusher's increment
+        split = self.buffers.numel() - self.counters
+        self.buffers[:split].copy_(payload[self.numel : self.numel + split])
+        self.buffers[split:].add_(payload[self.numel + split :])
         self.version += 1
         return PushRecord(worker, lag, gap, time.monotonic())
 

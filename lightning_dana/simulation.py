@@ -103,7 +103,9 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self._worker = WorkerPush(self._flat, optimizer, self.algorithm)
         params = self._flat.read_params()
         rule = make_rule(self.algorithm, params, self.num_workers, momentum)
-        self._server = ParameterServer(rule, self._flat.sizes, self._flat.read_buffers())
+        self._server = ParameterServer(
+            rule, self._flat.sizes, self._flat.read_buffers(), counters=self._flat.counter_numel
+        )
         self._pulled = self._flat.empty().repeat(self.num_workers, 1)
         for w in range(self.num_workers):
             self._server.pull(w, self._pulled[w])

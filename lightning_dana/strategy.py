@@ -239,7 +239,9 @@ class DANAStrategy(DDPStrategy):
         transport = make_transport(self.transport, self.root_device, self.timeout_s, self.cluster_environment)
         if self.global_rank == 0:
             rule = make_rule(self.algorithm, self._pulled[: flat.numel], self.world_size, momentum)
-            server = ParameterServer(rule, flat.sizes, self._pulled[flat.numel :], gap_every=self.gap_every)
+            server = ParameterServer(
+                rule, flat.sizes, self._pulled[flat.numel :], gap_every=self.gap_every, counters=flat.counter_numel
+            )
             self._master = Master(
                 server, transport, self.world_size, flat.group_sizes, self.timeout_s, self.idle_timeout_s
             )
@@ -394,8 +396,7 @@ class DANAStrategy(DDPStrategy):
         for view, p in zip(payload[: flat.numel].split(flat.sizes), flat.params):
             if names.get(id(p)) in state:
                 state[names[id(p)]] = view.view_as(p).clone()
-        buffer_names = [n for n, b in module.named_buffers() if b is not None]
-        for name, view, b in zip(buffer_names, payload[flat.numel :].split(flat.buffer_sizes), flat.buffers):
+        for name, view, b in zip(flat.buffer_names, payload[flat.numel :].split(flat.buffer_sizes), flat.buffers):
             if name in state:
                 value = view.view_as(b)
                 state[name] = (value if b.dtype.is_floating_point else value.round()).to(b.dtype).clone()

@@ -3,10 +3,11 @@
 Shared by the simulated and the real workers. Gradient-pushing rules send
 g = ∇J(P) + λP (λ from the optimizer's param groups) and carry the lr in force;
 ``dana`` runs the user's optimizer step on the pulled P and sends the change,
-so any optimizer (SGD with Nesterov, Adam, ...) works. Buffers (BatchNorm
-running statistics) travel as the change this worker's forward passes made to
-them since its pull: the master adds it, so running statistics gather every
-worker's batches in arrival order.
+so any optimizer (SGD with Nesterov, Adam, ...) works. Buffers travel beside:
+running statistics as the worker's values (the master takes the latest, an
+average of averages that stays stable however stale), counters as the change
+since the pull (the master adds it, so ``num_batches_tracked`` counts every
+worker's batches).
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ class WorkerPush:
                 params.addcmul_(decay, pulled[:n])
             elif decay:
                 params.add_(pulled[:n], alpha=decay)
-        self.flat.read_buffers(buffers).sub_(pulled[n:])
+        self.flat.read_buffers(buffers)
+        counters = self.flat.counter_numel
+        if counters:
+            buffers[-counters:].sub_(pulled[-counters:])
         return out
 
     def load(self, pulled: Tensor) -> None:

@@ -81,7 +81,9 @@ def make_server(algorithm: str, workers: list[SimWorker], gap_every: int = 0) ->
     lead = workers[0]
     momentum = check_optimizer(algorithm, lead.optimizer)
     rule = make_rule(algorithm, lead.flat.read_params(), len(workers), momentum)
-    server = ParameterServer(rule, lead.flat.sizes, lead.flat.read_buffers(), gap_every=gap_every)
+    server = ParameterServer(
+        rule, lead.flat.sizes, lead.flat.read_buffers(), gap_every=gap_every, counters=lead.flat.counter_numel
+    )
     for i, w in enumerate(workers):
         server.pull(i, w.pulled)
     return server

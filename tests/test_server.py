@@ -281,18 +281,35 @@ def test_wrong_size_push_is_refused():
 # ---------------------------------------------------------------------------------------
 # buffers
 # ---------------------------------------------------------------------------------------
-def test_buffer_delta_is_added_and_the_reply_carries_the_masters_buffers():
-    server = ParameterServer(make_rule("asgd", torch.zeros(5, dtype=F64), 2), SIZES, torch.tensor([10.0, 0.0], dtype=F64))
+def test_statistics_are_taken_counters_added_and_the_reply_carries_the_masters_buffers():
+    server = ParameterServer(
+        make_rule("asgd", torch.zeros(5, dtype=F64), 2), SIZES, torch.tensor([10.0, 0.0], dtype=F64), counters=1
+    )
     pulls = [server.pull(i, torch.empty(7, dtype=F64)) for i in range(2)]
     assert torch.equal(pulls[0][5:], torch.tensor([10.0, 0.0], dtype=F64))
-    push0 = torch.cat([torch.ones(5, dtype=F64), torch.tensor([-1.0, 1.0], dtype=F64)])
+    push0 = torch.cat([torch.ones(5, dtype=F64), torch.tensor([9.0, 1.0], dtype=F64)])
     server.serve(0, push0, 0.5, out=pulls[0])
-    push1 = torch.cat([torch.ones(5, dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)])
+    push1 = torch.cat([torch.ones(5, dtype=F64), torch.tensor([12.0, 1.0], dtype=F64)])
     server.serve(1, push1, 0.5, out=pulls[1])
-    assert torch.equal(server.buffers, torch.tensor([11.0, 2.0], dtype=F64))
+    assert torch.equal(server.buffers, torch.tensor([12.0, 2.0], dtype=F64))  # latest statistic, summed count
     assert torch.equal(pulls[1][5:], server.buffers)
     assert torch.equal(pulls[1][:5], torch.full((5,), -1.0, dtype=F64))
     assert torch.equal(server.eval_payload(), pulls[1])
+
+
+def test_running_statistics_stay_bounded_with_many_stale_workers():
+    """32 stale EMA updates (m = 0.1) toward 5: adding their changes would overshoot; taking the latest cannot."""
+    n = 32
+    server = ParameterServer(
+        make_rule("asgd", torch.zeros(5, dtype=F64), n), SIZES, torch.tensor([1.0, 0.0], dtype=F64), counters=1
+    )
+    pulls = [server.pull(i, torch.empty(7, dtype=F64)) for i in range(n)]
+    for k in range(40 * n):  # each worker moves its own stale copy: 0.9 per round
+        i = k % n
+        statistic = 0.9 * pulls[i][5] + 0.1 * 5.0
+        server.serve(i, torch.cat([torch.zeros(5, dtype=F64), statistic.view(1), torch.ones(1, dtype=F64)]), 0.0, out=pulls[i])
+        assert 1.0 <= float(server.buffers[0]) <= 5.0
+    assert float(server.buffers[0]) > 4.9 and float(server.buffers[1]) == 40 * n
 
 
 def test_batchnorm_statistics_gather_every_workers_batches():
@@ -304,7 +321,9 @@ def test_batchnorm_statistics_gather_every_workers_batches():
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     flats = [FlatModel(m, o) for m, o in zip(models, opts)]
     workers = [WorkerPush(f, o, "asgd") for f, o in zip(flats, opts)]
-    server = ParameterServer(make_rule("asgd", flats[0].read_params(), n), flats[0].sizes, flats[0].read_buffers())
+    server = ParameterServer(
+        make_rule("asgd", flats[0].read_params(), n), flats[0].sizes, flats[0].read_buffers(), counters=flats[0].counter_numel
+    )
     pulls = [server.pull(i, flats[i].empty()) for i in range(n)]
     gen = torch.Generator().manual_seed(0)
     for k in range(pushes):
