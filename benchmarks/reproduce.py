@@ -686,7 +686,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     preset = narrow(preset, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "recipe.json").write_text(json.dumps({"preset": args.preset, **asdict(preset.recipe)}, indent=1))
+    if not args.report_only:  # the recipe the runs in this folder were trained with
+        (args.out / "recipe.json").write_text(json.dumps({"preset": args.preset, **asdict(preset.recipe)}, indent=1))
     if args.lr_sweep:
         lr_sweep(preset.recipe, args.out, args.jobs, args.data_dir)
         return
