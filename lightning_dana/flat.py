@@ -33,6 +33,8 @@ class FlatModel:
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         self.group_sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.param_names = [names.get(id(p)) for p in self.params]
         named = [(n, b) for n, b in module.named_buffers() if b is not None]
         named.sort(key=lambda item: not item[1].dtype.is_floating_point)  # statistics, then counters
         self.buffer_names = [n for n, _ in named]
@@ -81,7 +83,24 @@ class FlatModel:
     @torch.no_grad()
     def write_buffers(self, flat: Tensor) -> None:
         for view, b in zip(flat.split(self.buffer_sizes), self.buffers):
-            b.copy_(view.view_as(b).round() if not b.dtype.is_floating_point else view.view_as(b))
+            b.copy_(_as_buffer(view, b))
+
+    # checkpoints --------------------------------------------------------------------
+    @torch.no_grad()
+    def state_dict_of(self, payload: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (the module's state_dict) with ``payload``'s parameters and buffers in their places.
+
+        Leaves the module itself untouched, so a checkpoint of the master can be taken mid-fit.
+        """
+        params = zip(self.param_names, payload[: self.numel].split(self.sizes), self.params)
+        buffers = zip(self.buffer_names, payload[self.numel :].split(self.buffer_sizes), self.buffers)
+        for name, view, p in params:
+            if name in state:
+                state[name] = view.view_as(p).clone()
+        for name, view, b in buffers:
+            if name in state:
+                state[name] = _as_buffer(view, b).to(b.dtype, copy=True)
+        return state
 
     # per-group hyperparameters ---------------------------------------------------
     def group_values(self, values: list[float]) -> LR:
@@ -98,3 +117,9 @@ class FlatModel:
 
 def optimizer_values(optimizer: Optimizer, key: str) -> list[float]:
     return [float(g.get(key, 0.0)) for g in optimizer.param_groups]
+
+
+def _as_buffer(view: Tensor, buffer: Tensor) -> Tensor:
+    """A flat slice shaped as ``buffer``; counters travelled as floating point and are rounded back."""
+    value = view.view_as(buffer)
+    return value if buffer.dtype.is_floating_point else value.round()

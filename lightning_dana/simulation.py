@@ -159,9 +159,10 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self._load_master()  # after fit, the module holds the trained (master's) model
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # the next training_step reloads its worker's parameters, so this is safe mid-fit
-        self._load_master()
-        return {k: v.clone() for k, v in super().lightning_module_state_dict().items()}
+        state = super().lightning_module_state_dict()
+        if self._server is None:
+            return state
+        return self._flat.state_dict_of(self._server.eval_payload(), state)
 
     # checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:

@@ -386,21 +386,8 @@ class DANAStrategy(DDPStrategy):
             return state
         payload, server_state = self._master.snapshot()
         self._pending_save = {"server": server_state}
-        return self._master_state_dict(state, payload)
-
-    def _master_state_dict(self, state: dict[str, Any], payload: Tensor) -> dict[str, Any]:
         assert self._flat is not None
-        module = self.lightning_module
-        flat = self._flat
-        names = {id(p): n for n, p in module.named_parameters()}
-        for view, p in zip(payload[: flat.numel].split(flat.sizes), flat.params):
-            if names.get(id(p)) in state:
-                state[names[id(p)]] = view.view_as(p).clone()
-        for name, view, b in zip(flat.buffer_names, payload[flat.numel :].split(flat.buffer_sizes), flat.buffers):
-            if name in state:
-                value = view.view_as(b)
-                state[name] = (value if b.dtype.is_floating_point else value.round()).to(b.dtype).clone()
-        return state
+        return self._flat.state_dict_of(payload, state)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
         """This worker's optimizer state; rank 0 also gathers every worker's, for the checkpoint."""
