@@ -44,7 +44,7 @@ class FlatModel:
         self.buffer_sizes = [b.numel() for b in self.buffers]
         self.buffer_numel = sum(self.buffer_sizes)
         self.payload_numel = self.numel + self.buffer_numel
-        self._expanded: tuple[tuple, Tensor] | None = None  # last per-element expansion
+        self._expand = self.expander()
 
     # parameters ---------------------------------------------------------------------
     def empty(self, numel: int | None = None) -> Tensor:
@@ -103,16 +103,36 @@ class FlatModel:
         return state
 
     # per-group hyperparameters ---------------------------------------------------
+    def expander(self) -> GroupExpander:
+        """A cached per-group expansion; keep one per hyperparameter (lr, weight decay)."""
+        return GroupExpander(self.group_sizes, self.dtype, self.device)
+
     def group_values(self, values: list[float]) -> LR:
         """One value per param group, as a scalar when all agree, else expanded per element."""
+        return self._expand(values)
+
+
+class GroupExpander:
+    """Per-group values as one scalar when all agree, else one value per element of the flat buffer.
+
+    The last expansion is cached: hyperparameters change rarely, steps are many.
+    """
+
+    def __init__(self, group_sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.group_sizes = group_sizes
+        self.dtype = dtype
+        self.device = device
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def __call__(self, values: list[float]) -> LR:
         if all(v == values[0] for v in values):
             return float(values[0])
         key = tuple(values)
-        if self._expanded is None or self._expanded[0] != key:
+        if self._cache is None or self._cache[0] != key:
             counts = torch.tensor(self.group_sizes, device=self.device)
             values_t = torch.tensor(values, dtype=self.dtype, device=self.device)
-            self._expanded = (key, values_t.repeat_interleave(counts))
-        return self._expanded[1]
+            self._cache = (key, values_t.repeat_interleave(counts))
+        return self._cache[1]
 
 
 def optimizer_values(optimizer: Optimizer, key: str) -> list[float]:

@@ -16,11 +16,11 @@ import threading
 import time
 import warnings
 from collections import deque
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_dana.flat import GroupExpander
 from lightning_dana.rules import LR
 from lightning_dana.server import NonFinitePushError, ParameterServer, PushRecord
 from lightning_dana.transport import (
@@ -45,26 +45,13 @@ log = logging.getLogger(__name__)
 MAX_RECORDS = 100_000  # push records kept for GapMonitor; the oldest are dropped if nobody drains them
 
 
-class LRExpander:
-    """Per-group learning rates as one scalar or one value per element (FlatModel.group_values semantics)."""
-
-    def __init__(self, group_sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
-        self.group_sizes = group_sizes
-        self.dtype = dtype
-        self.device = device
-        self._cache: tuple[tuple, Tensor] | None = None
+class LRExpander(GroupExpander):
+    """A push's per-group learning rates, checked against the model's param groups, then expanded."""
 
     def __call__(self, values: list[float]) -> LR:
         if len(values) != len(self.group_sizes):
             raise ProtocolError(f"push carries {len(values)} learning rates, the model has {len(self.group_sizes)} param groups")
-        if all(v == values[0] for v in values):
-            return float(values[0])
-        key = tuple(values)
-        if self._cache is None or self._cache[0] != key:
-            counts = torch.tensor(self.group_sizes, device=self.device)
-            expanded = torch.tensor(values, dtype=self.dtype, device=self.device).repeat_interleave(counts)
-            self._cache = (key, expanded)
-        return self._cache[1]
+        return super().__call__(values)
 
 
 class Master:
@@ -109,13 +96,17 @@ class Master:
     def serve_local(self, worker: int, payload: Tensor, lrs: list[float], out: Tensor) -> Msg:
         """Rank 0's own push: apply it and write its next parameters into ``out``."""
         with self.lock:
-            try:
-                self.records.append(self.server.serve(worker, payload, self._local_expand(lrs), out))
-                return Msg.REPLY
-            except NonFinitePushError:
-                self.refused[worker] += 1
-                self.server.pull(worker, out)
-                return Msg.REFUSED
+            return self._apply(worker, payload, self._local_expand(lrs), out)
+
+    def _apply(self, worker: int, payload: Tensor, lr: LR, out: Tensor) -> Msg:
+        """Serve one push (caller holds the lock); a NaN/Inf push is refused and answered with the current parameters."""
+        try:
+            self.records.append(self.server.serve(worker, payload, lr, out))
+            return Msg.REPLY
+        except NonFinitePushError:
+            self.refused[worker] += 1
+            self.server.pull(worker, out)
+            return Msg.REFUSED
 
     def pull_local(self, worker: int, out: Tensor) -> None:
         with self.lock:
@@ -128,7 +119,7 @@ class Master:
     def snapshot(self) -> tuple[Tensor, dict]:
         """The master's evaluation parameters and full state, copied together under the lock."""
         with self.lock:
-            return self.server.eval_payload(), _clone(self.server.state_dict())
+            return self.server.eval_payload(), self.server.state_dict()  # both are copies
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
@@ -234,13 +225,7 @@ class Master:
             return self._send_abort(src)
         lr = self.expand_lr(header.lrs)
         with self.lock:
-            try:
-                self.records.append(self.server.serve(src, self._buffer, lr, self._buffer))
-                kind = Msg.REPLY
-            except NonFinitePushError:
-                self.refused[src] += 1
-                self.server.pull(src, self._buffer)
-                kind = Msg.REFUSED
+            kind = self._apply(src, self._buffer, lr, self._buffer)
             version = self.server.version
         if kind == Msg.REFUSED:
             warnings.warn(f"lightning-dana: the master refused a push with NaN/Inf from worker rank {src}; master unchanged")
@@ -276,12 +261,3 @@ class Master:
                     return
                 raise
 
-
-def _clone(state: Any) -> Any:
-    if isinstance(state, Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _clone(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_clone(v) for v in state)
-    return state

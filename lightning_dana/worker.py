@@ -58,10 +58,11 @@ class WorkerPush:
         self.flat = flat
         self.optimizer = optimizer
         self.pushes_step = RULES[check_algorithm(algorithm)].worker_pushes == "step"
+        self._lr, self._decay = flat.expander(), flat.expander()
 
     def lr(self) -> LR:
         """η in force now, per element where param groups differ."""
-        return self.flat.group_values(optimizer_values(self.optimizer, "lr"))
+        return self._lr(optimizer_values(self.optimizer, "lr"))
 
     @torch.no_grad()
     def compute(self, pulled: Tensor, out: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ class WorkerPush:
             self.flat.read_grads(params)
             # the optimizer never steps here: tell torch's LR schedulers a step happened all the same
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
-            decay = self.flat.group_values(optimizer_values(self.optimizer, "weight_decay"))
+            decay = self._decay(optimizer_values(self.optimizer, "weight_decay"))
             if isinstance(decay, Tensor):
                 params.addcmul_(decay, pulled[:n])
             elif decay:
