@@ -43,8 +43,14 @@ import pytorch_lightning as pl
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # reproduce_tasks, the second task
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ASYNC_ALGORITHMS = ("asgd", "nag_asgd", "multi_asgd", "dana_zero", "dana")
+PAPER_ALGORITHMS = ("asgd", "nag_asgd", "multi_asgd", "dana_zero", "dana")
+#: staleness mitigations (issue 8): on ASGD, on DANA, and ours (dana_sm; dana_sa is its ablation)
+MITIGATIONS = ("sa_asgd", "ga_asgd", "dc_asgd", "dana_ga", "dana_dc", "dana_sm", "dana_sa")
+ON_ASGD = ("asgd", "sa_asgd", "ga_asgd", "dc_asgd")  # no momentum: their N = 1 is plain SGD, the asgd run
+ASYNC_ALGORITHMS = (*PAPER_ALGORITHMS, *MITIGATIONS)
 ALGORITHMS = (*ASYNC_ALGORITHMS, "ssgd")
 SHARED = "shared"  # the schedule column of runs that no schedule affects (N = 1, ssgd)
 LABELS = {
@@ -55,6 +61,13 @@ LABELS = {
     "dana_zero": "DANA-Zero",
     "dana": "DANA",
     "ssgd": "SSGD",
+    "sa_asgd": "SA-ASGD",
+    "ga_asgd": "GA-ASGD",
+    "dc_asgd": "DC-ASGD-a",
+    "dana_ga": "DANA-GA",
+    "dana_dc": "DANA-DC",
+    "dana_sm": "DANA-SM (ours)",
+    "dana_sa": "DANA-SA (ablation)",
 }
 CSV_FIELDS = (
     "workers", "algorithm", "schedule", "seed", "test_error", "val_error", "train_loss",
@@ -79,6 +92,7 @@ class Recipe:
     warmup_epochs: float = 1.0  # from lr/N to lr (a no-op at N = 1)
     data_seed: int = 0  # the data set is the same for every run; seeds vary init, data order, schedule
     log_every: int = 10  # GapMonitor interval in steps (bookkeeping, not training)
+    task: str = "mnist1d"  # or "teacher": the second task (benchmarks/reproduce_tasks.py), regression
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,11 @@ class Preset:
     gap_workers: int = 16  # N whose gap history is kept for figure 1 (seed 0)
 
 
+# the lr of the second recipe and of the second task: the --lr-sweep's pick at N = 1 (best mean validation
+# error; the rule was written before any N > 1 run of either): see docs/results.md
+LONG_LR = 0.4
+TEACHER_LR = 0.4
+
 PRESETS = {
     "full": Preset(
         Recipe(),
@@ -124,6 +143,31 @@ PRESETS = {
         ALGORITHMS,
         {"block_random": (0,), "gamma": (0,)},
         gap_workers=8,
+    ),
+    # issue 8: the staleness mitigations against their bases, at the main recipe (lr 0.4, chosen at N = 1)
+    "mitigations": Preset(
+        Recipe(),
+        (1, 2, 4, 8, 12, 16, 24, 32),
+        ("asgd", "nag_asgd", "dana", *MITIGATIONS),
+        {"block_random": (0, 1, 2), "gamma": (0, 1, 2)},
+        gap_workers=16,
+    ),
+    # the second recipe: 4x the data, so 4x the steps per run and per epoch (lag at N = 32: 5.7 % of an
+    # epoch, the paper's CIFAR-10 8 %); lr chosen by its own N = 1 --lr-sweep (docs/results.md)
+    "long": Preset(
+        replace(Recipe(), num_samples=80000, lr=LONG_LR),
+        (1, 2, 4, 8, 12, 16, 24, 32),
+        ("asgd", "dana", *MITIGATIONS),
+        {"block_random": (0, 1, 2), "gamma": (0, 1, 2)},
+        gap_workers=16,
+    ),
+    # the second task: teacher-student regression (no BatchNorm, MSE), its own N = 1-chosen lr
+    "teacher": Preset(
+        replace(Recipe(), task="teacher", channels=64, weight_decay=0.0, lr=TEACHER_LR),
+        (1, 2, 4, 8, 12, 16, 24, 32),
+        ("asgd", "dana", *MITIGATIONS),
+        {"block_random": (0, 1, 2), "gamma": (0, 1, 2)},
+        gap_workers=16,
     ),
     # the test suite's preset: seconds, not minutes
     "smoke": Preset(
@@ -212,19 +256,11 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
     """Train one run through the real Trainer and return its CSV row."""
     quiet_worker()
     import lightning_dana as ld
-    from examples.mnist1d.data import MNIST1DDataModule
-    from examples.mnist1d.model import MNIST1DClassifier
 
     scale = spec.workers if spec.algorithm == "ssgd" else 1  # linear scaling rule
     start = time.perf_counter()
     pl.seed_everything(spec.seed, verbose=False)
-    data = MNIST1DDataModule(
-        num_samples=recipe.num_samples, batch_size=recipe.batch_size * scale, seed=recipe.data_seed, data_dir=data_dir
-    )
-    model = MNIST1DClassifier(
-        channels=recipe.channels, lr=recipe.lr * scale, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay, nesterov=True,
-    )  # fmt: skip
+    data, model, evaluate = build_task(recipe, scale, data_dir)
     monitor = ld.GapMonitor(logging_interval=recipe.log_every, prog_bar=False)
     losses = LastEpochLoss()
     kwargs = build_trainer_kwargs(spec, recipe, monitor)
@@ -236,8 +272,8 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
     trainer.fit(model, datamodule=data)
     row = {
         "workers": spec.workers, "algorithm": spec.algorithm, "schedule": spec.schedule, "seed": spec.seed,
-        "test_error": evaluate_error(model, data.datasets["test"]),
-        "val_error": evaluate_error(model, data.datasets["val"]),
+        "test_error": evaluate(model, data.datasets["test"]),
+        "val_error": evaluate(model, data.datasets["val"]),
         "train_loss": losses.mean(), "runtime_s": time.perf_counter() - start,
         "refused_pushes": getattr(getattr(trainer.strategy, "server", None), "refused", 0),
         "lr": recipe.lr, "epochs": recipe.epochs, "num_samples": recipe.num_samples,
@@ -247,6 +283,29 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
         Path(gap_dir).mkdir(parents=True, exist_ok=True)
         (Path(gap_dir) / f"{spec.name}.json").write_text(json.dumps(compact_history(monitor.history)))
     return row
+
+
+def build_task(recipe: Recipe, scale: int, data_dir: str):
+    """Data module, model and error metric (in %) of the recipe's task; ``scale``: ssgd's linear scaling."""
+    if recipe.task == "teacher":
+        from reproduce_tasks import TeacherDataModule, TeacherRegressor, unexplained_variance
+
+        data = TeacherDataModule(num_samples=recipe.num_samples, batch_size=recipe.batch_size * scale, seed=recipe.data_seed)
+        model = TeacherRegressor(
+            width=recipe.channels, lr=recipe.lr * scale, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
+        return data, model, unexplained_variance
+    from examples.mnist1d.data import MNIST1DDataModule
+    from examples.mnist1d.model import MNIST1DClassifier
+
+    data = MNIST1DDataModule(
+        num_samples=recipe.num_samples, batch_size=recipe.batch_size * scale, seed=recipe.data_seed, data_dir=data_dir
+    )
+    model = MNIST1DClassifier(
+        channels=recipe.channels, lr=recipe.lr * scale, momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay, nesterov=True,
+    )  # fmt: skip
+    return data, model, evaluate_error
 
 
 class LastEpochLoss(pl.Callback):
@@ -323,6 +382,8 @@ def append_row(path: Path, row: dict) -> None:
 
 def prepare_data(recipe: Recipe, data_dir: str) -> None:
     """Generate the cached data set once, before the pool starts, so jobs never race to build it."""
+    if recipe.task != "mnist1d":
+        return  # generated in memory, in a fraction of a second
     from examples.mnist1d.data import MNIST1DDataModule
 
     MNIST1DDataModule(num_samples=recipe.num_samples, seed=recipe.data_seed, data_dir=data_dir).prepare_data()
@@ -485,7 +546,8 @@ def curve(groups: dict[tuple[int, str], list[float]], algorithm: str) -> list[tu
     """(N, mean, std) of one algorithm; N = 1 is the baseline for every algorithm but asgd."""
     points = []
     for (n, a), errors in groups.items():
-        if a == algorithm or (n == 1 and a == "baseline" and algorithm != "asgd"):
+        base = "asgd" if algorithm in ON_ASGD else "baseline"
+        if a == algorithm or (n == 1 and a == base and algorithm != base):
             points.append((n, *mean_std(errors)))
     return sorted(points)
 
@@ -606,24 +668,24 @@ def write_report(out: Path) -> None:
 # --- the N = 1 lr sweep that picks the recipe ------------------------------------------------------------
 
 
-def lr_sweep(recipe: Recipe, out: Path, jobs: int, data_dir: str) -> None:
+def lr_sweep(recipe: Recipe, out: Path, jobs: int, data_dir: str, grid=LR_SWEEP, seeds=LR_SWEEP_SEEDS) -> None:
     """Single-worker NAG baseline at each lr; the recipe's lr is the best mean validation error (N = 1 only)."""
     csv_path = out / "lr_sweep.csv"
-    for lr in LR_SWEEP:
-        specs = [RunSpec(1, "baseline", SHARED, s) for s in LR_SWEEP_SEEDS]
+    for lr in grid:
+        specs = [RunSpec(1, "baseline", SHARED, s) for s in seeds]
         # lr is part of the recipe, so each lr gets its own CSV slice via a temporary file
         part = out / "lr_sweep" / f"lr_{lr:g}"
         part.mkdir(parents=True, exist_ok=True)
         run_sweep(specs, replace(recipe, lr=lr), part, jobs, data_dir, gap_workers=0)
     rows = []
-    for lr in LR_SWEEP:
+    for lr in grid:
         rows += read_rows(out / "lr_sweep" / f"lr_{lr:g}" / "runs.csv")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| lr | val error (%) | test error (%) | train loss | runs |", "| ---: | ---: | ---: | ---: | ---: |"]
-    for lr in LR_SWEEP:
+    for lr in grid:
         sel = [r for r in rows if math.isclose(r["lr"], lr)]
         lines.append(
             f"| {lr:g} | {mean_std([r['val_error'] for r in sel])[0]:.2f} | "
@@ -638,7 +700,11 @@ def lr_sweep(recipe: Recipe, out: Path, jobs: int, data_dir: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("full", "quick", "smoke"), default="full", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default="full",
+        help="full (the paper's algorithms), mitigations / long / teacher (issue 8: main recipe, 4x-steps recipe, second task)",
+    )  # fmt: skip
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=None, help="lrs of --lr-sweep (default: 0.025 to 0.4)")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick (few N, 4 epochs, 1 seed)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results, quick: runs/reproduce_quick)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
@@ -647,6 +713,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only write table.md and plots from runs.csv")
     parser.add_argument("--no-round-robin", action="store_true", help="skip the optional round-robin runs")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr (a sensitivity check)")
+    parser.add_argument(
+        "--lr-from-sweep", action="store_true",
+        help="use the lr of --out's lr_sweep.csv with the best mean validation error (the N = 1 rule), and its N = 1 runs",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=None, help="keep only the first k seeds of each schedule")
     parser.add_argument("--schedules", nargs="+", default=None, help="keep only these schedules")
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="keep only these N (ablations)")
@@ -657,7 +727,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.preset = "quick"
     if args.out is None:
-        args.out = ROOT / ("docs/results" if args.preset == "full" else f"runs/reproduce_{args.preset}")
+        folders = {"full": "docs/results", "mitigations": "docs/results/mitigations", "long": "docs/results/long",
+                   "teacher": "docs/results/teacher"}  # fmt: skip
+        args.out = ROOT / folders.get(args.preset, f"runs/reproduce_{args.preset}")
     if args.data_dir is None:
         from examples.mnist1d.data import DEFAULT_DATA_DIR
 
@@ -681,15 +753,40 @@ def narrow(preset: Preset, args: argparse.Namespace) -> Preset:
     return replace(preset, recipe=recipe, schedule_seeds=seeds, workers=workers, algorithms=algorithms)
 
 
+def pick_lr(out: Path) -> float:
+    """The N = 1 rule: the lr of ``lr_sweep.csv`` with the best mean validation error (ties: the larger lr)."""
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    for r in read_rows(out / "lr_sweep.csv"):
+        by_lr[r["lr"]].append(r["val_error"])
+    if not by_lr:
+        raise SystemExit(f"--lr-from-sweep: no {out / 'lr_sweep.csv'}; run --lr-sweep first")
+    return min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), -lr))
+
+
+def reuse_sweep_baselines(out: Path, lr: float) -> None:
+    """Copy the lr sweep's N = 1 runs at the chosen lr into runs.csv: the same recipe, already trained."""
+    done = done_keys(out / "runs.csv")
+    for row in read_rows(out / "lr_sweep" / f"lr_{lr:g}" / "runs.csv"):
+        if (row["workers"], row["algorithm"], row["schedule"], row["seed"]) not in done:
+            append_row(out / "runs.csv", row)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.lr_from_sweep and not args.lr_sweep:
+        args.lr = pick_lr(args.out)
+        print(f"lr {args.lr:g}: the N = 1 lr sweep's pick ({args.out / 'lr_sweep.csv'})", flush=True)
     preset = narrow(preset, args)
+    if args.lr_from_sweep and not args.lr_sweep and not args.report_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        reuse_sweep_baselines(args.out, args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:  # the recipe the runs in this folder were trained with
         (args.out / "recipe.json").write_text(json.dumps({"preset": args.preset, **asdict(preset.recipe)}, indent=1))
     if args.lr_sweep:
-        lr_sweep(preset.recipe, args.out, args.jobs, args.data_dir)
+        seeds = LR_SWEEP_SEEDS[: args.seeds] if args.seeds else LR_SWEEP_SEEDS
+        lr_sweep(preset.recipe, args.out, args.jobs, args.data_dir, tuple(args.lr_grid or LR_SWEEP), seeds)
         return
     if not args.report_only:
         run_sweep(plan(preset), preset.recipe, args.out, args.jobs, args.data_dir, preset.gap_workers)
