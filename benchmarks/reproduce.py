@@ -47,8 +47,8 @@ if str(ROOT / "benchmarks") not in sys.path:  # reproduce_tasks, the second task
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PAPER_ALGORITHMS = ("asgd", "nag_asgd", "multi_asgd", "dana_zero", "dana")
-#: staleness mitigations (issue 8): on ASGD, on DANA, and ours (dana_sm; dana_sa is its ablation)
-MITIGATIONS = ("sa_asgd", "ga_asgd", "dc_asgd", "dana_ga", "dana_dc", "dana_sm", "dana_sa")
+#: staleness mitigations (issue 8): on ASGD, on DANA, and ours (dana_sm, dana_smp; dana_sa is an ablation)
+MITIGATIONS = ("sa_asgd", "ga_asgd", "dc_asgd", "dana_ga", "dana_dc", "dana_sm", "dana_smp", "dana_smpn", "dana_sa")
 ON_ASGD = ("asgd", "sa_asgd", "ga_asgd", "dc_asgd")  # no momentum: their N = 1 is plain SGD, the asgd run
 ASYNC_ALGORITHMS = (*PAPER_ALGORITHMS, *MITIGATIONS)
 ALGORITHMS = (*ASYNC_ALGORITHMS, "ssgd")
@@ -67,6 +67,8 @@ LABELS = {
     "dana_ga": "DANA-GA",
     "dana_dc": "DANA-DC",
     "dana_sm": "DANA-SM (ours)",
+    "dana_smp": "DANA-SMP (ours)",
+    "dana_smpn": "DANA-SMP-N (ours)",
     "dana_sa": "DANA-SA (ablation)",
 }
 CSV_FIELDS = (
@@ -484,8 +486,10 @@ def pivot_markdown(groups: dict[tuple[int, str], list[float]]) -> str:
     for a in algorithms:
         cells = []
         for n in workers:
-            m, s = mean_std(groups.get((n, a), []))
-            cells.append("" if math.isnan(m) else f"{m:.2f} ± {s:.2f}")
+            errors = groups.get((n, a), [])
+            m, s = mean_std(errors)
+            runs = "" if len(errors) >= 3 else f" [{len(errors)}]"  # fewer seeds than the sweep's 3: say how many
+            cells.append("" if math.isnan(m) else f"{m:.2f} ± {s:.2f}{runs}")
         lines.append(f"| {LABELS[a]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

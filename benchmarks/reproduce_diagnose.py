@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections import defaultdict
 import math
 import sys
 from pathlib import Path
@@ -163,9 +164,9 @@ def report(out: Path, momentum: float = 0.9) -> None:
         runs[(r["workers"], r["algorithm"])] = r
     if not runs:
         return
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (a, b), (c, d) = axes
-    colors = {"baseline": "k", "asgd": "tab:blue", "nag_asgd": "tab:red", "dana": "tab:green"}
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    (a, b, e), (c, d, f) = axes
+    colors = defaultdict(lambda: "tab:purple", {"baseline": "k", "asgd": "tab:blue", "nag_asgd": "tab:red", "dana": "tab:green"})
     for (n, alg), r in runs.items():
         ls = "-" if n <= 8 else "--"
         steps = r["steps"]
@@ -176,8 +177,10 @@ def report(out: Path, momentum: float = 0.9) -> None:
             lrs = {s["step"]: s["lr"] for s in steps}
             pts = [(s["step"], lrs.get(s["step"], r["lr"]) * s["lambda_max"]) for s in r["sharpness"]]
             b.plot(*zip(*pts), ls, marker="o", ms=3, color=colors[alg], label=f"{alg} N={n}")
-        d.plot([e["epoch"] + 1 for e in r["epochs"]], [e["val_error"] for e in r["epochs"]], ls, marker="o", ms=3,
+        d.plot([x["epoch"] + 1 for x in r["epochs"]], [x["val_error"] for x in r["epochs"]], ls, marker="o", ms=3,
                color=colors[alg], label=f"{alg} N={n}")  # fmt: skip
+        e.plot([s["step"] for s in steps], [s["theta_norm"] for s in steps], ls, lw=0.8, color=colors[alg])
+        f.plot([s["step"] for s in steps], [s["bn_var_max"] for s in steps], ls, lw=0.8, color=colors[alg])
     for alg, key in (("asgd", "asgd"), ("nag_asgd", "nag_asgd"), ("dana", "dana")):
         for n, ls in ((1, ":"), (8, "-."), (16, (0, (1, 3)))):
             if n == 1 and alg == "asgd":
@@ -187,17 +190,19 @@ def report(out: Path, momentum: float = 0.9) -> None:
     for ax in (a, c, b):
         ax.set_yscale("log")
     a.set(xlabel="step (push)", ylabel="training loss", title="(a) training loss per step")
-    b.set(xlabel="step", ylabel="η·λ_max at the master", title="(b) η·sharpness vs stability edges (lines: N = 8 dash-dot, 16 dotted)")
+    b.set(xlabel="step", ylabel="η·λ_max at the master", title="(b) η·λ_max; lines: edges a(N−1), N=8 -., N=16 ..")
     c.set(xlabel="step", ylabel="gap", title="(c) gap during training")
     d.set(xlabel="epoch", ylabel="validation error of the master (%)", title="(d) master's validation error per epoch", yscale="log")
-    for ax in (a, b, c, d):
+    e.set(xlabel="step", ylabel="‖θ‖ of the master", title="(e) parameter norm")
+    f.set(xlabel="step", ylabel="largest BatchNorm running variance", title="(f) BatchNorm statistics", yscale="log")
+    for ax in (a, b, c, d, e, f):
         ax.grid(alpha=0.3, which="both")
     d.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "diagnosis.png", dpi=90)
     plt.close(fig)
     lines = [
-        "| N | algorithm | test error (%) | break step (epoch) | loss min before | η·λ_max max (N=1 trace) | stability edge a(N−1) |",
+        "| N | algorithm | test error (%) | break step (epoch) | loss min before | η·λ_max max (this run, master) | stability edge a(N−1) |",
         "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for (n, alg), r in sorted(runs.items()):

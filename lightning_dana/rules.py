@@ -381,8 +381,11 @@ class _DanaMaster(_Tracking):
         g = self.corrected(worker, push, lr)
         v = self.v[worker].mul_(self.momentum).add_(g)
         step = g.add(v, alpha=self.momentum)
-        _sub_scaled(self.theta, step, _scale(lr, self.scale(worker)))
+        _sub_scaled(self.theta, step, self.effective_lr(_scale(lr, self.scale(worker))))
         self.stepped(step)
+
+    def effective_lr(self, lr: LR) -> LR:
+        return lr
 
     def stepped(self, step: Tensor) -> None:
         pass
@@ -440,6 +443,56 @@ class StabilityMatchedDana(_DanaMaster):
 
     def scale(self, worker: int) -> float:
         return stability_scale(self.lag(worker), self.momentum)
+
+
+class PeakStabilityDana(_DanaMaster):
+    """Ours, refined by the diagnosis: DANA whose lr never exceeds the stable lr of the *peak* lr.
+
+    The single-worker recipe is stable at its largest lr η_max, so every curvature h it meets has
+    η_max·h < a(0). At lag τ those are all stable while η·h < a(τ): the push's lr is capped at
+    η_max·a(τ)/a(0) (elementwise), η_eff = min(η, η_max·a(τ)/a(0)). At the peak lr this is ``dana_sm``;
+    once the schedule has decayed below the cap the recipe's own lr is used again, since the instability
+    the diagnosis found is set by the peak lr. η_max is the largest lr seen so far (warm-up included),
+    measured, not tuned; τ = 0 gives η, i.e. ``dana``.
+    """
+
+    name = "dana_smp"
+
+    def __init__(self, params: Tensor, num_workers: int, momentum: float = 0.0) -> None:
+        super().__init__(params, num_workers, momentum)
+        self.lr_max: LR = 0.0
+
+    def _apply(self, worker: int, push: Tensor, lr: LR) -> None:
+        self.lr_max = _max_lr(self.lr_max, lr)
+        self._lag = self.lag(worker)
+        super()._apply(worker, push, lr)
+
+    def effective_lr(self, lr: LR) -> LR:
+        cap = _scale(self.lr_max, stability_scale(self._lag, self.momentum))
+        if isinstance(lr, Tensor) or isinstance(cap, Tensor):
+            return torch.minimum(torch.as_tensor(lr), torch.as_tensor(cap))
+        return min(lr, cap)
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "lr_max": self.lr_max}
+
+    def load_extra_state(self, extra: dict) -> None:
+        super().load_extra_state(extra)
+        self.lr_max = extra["lr_max"]
+
+
+class PeakStabilityDanaN(PeakStabilityDana):
+    """``dana_smp`` with the lag of N workers in steady state, N − 1, for every push instead of the push's own τ.
+
+    Under block-random and gamma schedules a push's own lag ranges from 0 to about 2N; the others' momentum
+    is in flight whatever this push's lag, so this variant caps every push at η_max·a(N − 1)/a(0), the
+    linear model's exact case (all pushes at lag N − 1). N = 1 is ``dana``.
+    """
+
+    name = "dana_smpn"
+
+    def lag(self, worker: int) -> int:
+        return self.num_workers - 1
 
 
 def stability_edge(algorithm: str, lag: int, momentum: float) -> float:
@@ -504,7 +557,8 @@ RULES: dict[str, type[UpdateRule]] = {
     for rule in (
         ASGD, NagASGD, MultiASGD, DanaZero, Dana,
         StalenessAwareASGD, GapAwareASGD, DelayCompensatedASGD,
-        GapAwareDana, DelayCompensatedDana, StabilityMatchedDana, StalenessAwareDana,
+        GapAwareDana, DelayCompensatedDana, StabilityMatchedDana, PeakStabilityDana,
+        PeakStabilityDanaN, StalenessAwareDana,
     )
 }  # fmt: skip
 ALGORITHMS = tuple(RULES)

@@ -38,7 +38,7 @@ from lightning_dana.rules import (
 
 F64 = torch.float64
 ON_ASGD = ["sa_asgd", "ga_asgd", "dc_asgd"]  # base: asgd (plain SGD at N = 1)
-ON_DANA = ["dana_ga", "dana_dc", "dana_sm", "dana_sa"]  # base: dana (Nesterov SGD at N = 1)
+ON_DANA = ["dana_ga", "dana_dc", "dana_sm", "dana_smp", "dana_smpn", "dana_sa"]  # base: dana (Nesterov SGD at N = 1)
 NEW = ON_ASGD + ON_DANA
 
 
@@ -191,12 +191,29 @@ def test_dana_sm_and_dana_sa_scale_the_step_by_the_lag():
         assert rule.theta.item() - theta == pytest.approx(-0.1 * factor * 1.5, rel=1e-12), name
 
 
+def test_dana_smp_caps_the_lr_at_the_peak_lrs_stable_step():
+    rule = make_rule("dana_smp", t(0.0), 2, 0.5)
+    rule.reply(0), rule.reply(1)
+    rule.apply(0, t(1.0), 0.4)  # lag 0: η itself, and η_max = 0.4
+    assert rule.theta.item() == pytest.approx(-0.4 * 1.5, rel=1e-14)
+    theta = rule.theta.item()
+    rule.apply(1, t(1.0), 0.4)  # lag 1 at the peak lr: η·s(1)
+    assert rule.theta.item() - theta == pytest.approx(-0.4 * stability_scale(1, 0.5) * 1.5, rel=1e-12)
+    cap = 0.4 * stability_scale(1, 0.5)
+    for lr, expected in ((0.9 * cap, 0.9 * cap), (1.5 * cap, cap)):  # after a decay: min(η, cap)
+        rule.reply(0)
+        rule.apply(1, t(0.0), 0.4)  # a zero gradient from worker 1 only to make worker 0's next lag 1
+        theta, v0 = rule.theta.item(), rule.v[0].item()
+        rule.apply(0, t(1.0), lr)
+        assert rule.theta.item() - theta == pytest.approx(-expected * (0.5 * (0.5 * v0 + 1.0) + 1.0), rel=1e-12)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_master_memory_over_parameter_bytes(n):
     theta0 = torch.zeros(1000)
     expected = {
         "sa_asgd": 1, "ga_asgd": n + 2, "dc_asgd": 2 * n + 1,
-        "dana_ga": 2 * n + 2, "dana_dc": 3 * n + 1, "dana_sm": n + 1, "dana_sa": n + 1,
+        "dana_ga": 2 * n + 2, "dana_dc": 3 * n + 1, "dana_sm": n + 1, "dana_smp": n + 1, "dana_smpn": n + 1, "dana_sa": n + 1,
     }  # fmt: skip
     for name, copies in expected.items():
         assert make_rule(name, theta0, n, MOMENTUM).state_bytes() == copies * 4000, name
@@ -262,3 +279,12 @@ def test_each_mitigation_learns_with_eight_gamma_workers(algorithm):
 
     t, _ = fit(SimulatedWorkers(8, algorithm, schedule="gamma"), TinyClassifier, epochs=4)
     assert t.callback_metrics["val_acc"] > 0.7  # chance is 0.5
+
+
+def test_dana_smpn_caps_every_push_at_the_steady_state_lag():
+    rule = make_rule("dana_smpn", t(0.0), 4, 0.5)
+    for i in range(4):
+        rule.reply(i)
+    rule.apply(0, t(1.0), 0.4)  # own lag 0, but capped as if N − 1 = 3
+    assert rule.theta.item() == pytest.approx(-0.4 * stability_scale(3, 0.5) * 1.5, rel=1e-12)
+    assert make_rule("dana_smpn", t(0.0), 1, 0.5).lag(0) == 0

@@ -601,7 +601,7 @@ def test_state_bytes_per_algorithm(n):
         "asgd": 1, "dana": 1, "nag_asgd": 2, "multi_asgd": n + 1, "dana_zero": n + 2,
         # the staleness mitigations (tests/test_mitigations.py): pulled copies, per-worker v, running averages
         "sa_asgd": 1, "ga_asgd": n + 2, "dc_asgd": 2 * n + 1, "dana_ga": 2 * n + 2, "dana_dc": 3 * n + 1,
-        "dana_sm": n + 1, "dana_sa": n + 1,
+        "dana_sm": n + 1, "dana_smp": n + 1, "dana_smpn": n + 1, "dana_sa": n + 1,
     }  # fmt: skip
     assert set(expected) == set(ALGORITHMS)
     for algorithm, copies in expected.items():
