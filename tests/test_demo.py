@@ -69,7 +69,9 @@ def test_demo_defaults_per_mode(tmp_path, capsys):
     assert (real.mode, real.workers, real.slowdown, real.ddp) == ("real", 3, 2.0, True)
     assert real.progress_bar is False  # pytest's stdout is not a terminal: plain per-epoch lines instead
     simulated = parse_args(["--mode", "simulated", "--data-dir", str(tmp_path), "--progress-bar", "on"])
+    assert (real.epochs, real.num_samples) == (10, 10000)
     assert (simulated.workers, simulated.schedule, simulated.progress_bar) == (8, "block_random", True)
+    assert (simulated.epochs, simulated.num_samples) == (20, 20000)
     assert parse_args(["--slowdown", "1", "--no-ddp", "--data-dir", str(tmp_path)]).slowdown == 1.0
     assert parse_args(["--no-progress-bar", "--data-dir", str(tmp_path)]).progress_bar is False
 
