@@ -332,6 +332,8 @@ def report(args: argparse.Namespace, runs: dict, results: dict, kill_at: int, ba
                       f"{steps_per_rank(r):>14}  {pacing(r)}")
             else:
                 print(f"{name:<{width}}  failed: {describe_failure(r)}")
+        print("(work: a step's time before its padding; under ddp the fast ranks' steps include waiting for the "
+              "straggler in the gradient all-reduce, so they overrun)")
         rate = {n: results[n].get("samples_per_s") for n in paced}
         even, slow_dana, slow_ddp = (rate[n] for n in paced)
         ideal_async = (WORKERS - 1 + 1 / args.slowdown)

@@ -167,3 +167,31 @@ def test_whole_run_job_counts_every_rank(tmp_path):
     assert all("work_per_step" in c and c["end"] >= c["start"] for c in counts.values())
     assert (tmp_path / "run" / "model.pt").exists()
     json.dumps(result)  # what --json writes
+
+
+def test_whole_run_report_prints_ratios_and_a_stopped_kill_run(capsys):
+    """The report from recorded results: ratios of samples/s, and a killed run that stopped early."""
+    import argparse
+
+    from benchmarks.whole_run import report
+
+    args = argparse.Namespace(epochs=3, step=0.05, slowdown=2.0, steps_per_epoch=40, acc_epochs=8, batch_size=128)
+    counts = {r: {"steps": 120, "work_per_step": 0.005, "overruns": 0} for r in range(3)}
+    paced = {"step": 0.05}
+    runs = {"dana, no straggler": paced, "dana, rank 2 2x slow": paced, "ddp,  rank 2 2x slow": paced,
+            "dana, no kill": {"step": 0.0}, "dana, rank 2 killed": {"step": 0.0}}
+    results = {
+        "dana, no straggler": {"ok": True, "samples": 5760, "seconds": 6.0, "samples_per_s": 960.0, "counts": counts},
+        "dana, rank 2 2x slow": {"ok": True, "samples": 5760, "seconds": 7.5, "samples_per_s": 800.0, "counts": counts},
+        "ddp,  rank 2 2x slow": {"ok": True, "samples": 5760, "seconds": 12.0, "samples_per_s": 480.0, "counts": counts},
+        "dana, no kill": {"ok": True, "test_acc": 0.98, "counts": counts},
+        "dana, rank 2 killed": {"ok": False, "timed_out": False, "returncode": 1, "counts": {},
+                                "errors": {"error0.txt": "WorkerLostError: rank 2 died"},
+                                "checkpoint_test_acc": 0.9, "checkpoint": "dana-master-on-error.ckpt"},
+    }
+    report(args, runs, results, kill_at=188, batches_per_rank=47)
+    out = capsys.readouterr().out
+    assert "dana / ddp, both with the straggler:        1.67" in out
+    assert "dana with straggler / dana without one:     0.83" in out
+    assert "no kill:      test accuracy 98.00%" in out
+    assert "did not finish (error0: WorkerLostError: rank 2 died)" in out and "90.00%" in out
