@@ -4,11 +4,11 @@ For a 0.27M- and a 25M-parameter flat model (float32), in the same processes:
 
 * raw: a worker sends n values to rank 0, rank 0 sends n values back (dist.isend/irecv,
   one message each way): the floor any parameter server over gloo pays per push;
-* master: the same worker pushes through WorkerClient to rank 0's Master thread
+* master: the same worker pushes through RemoteClient to rank 0's MasterService thread
   (header, payload, apply under the lock, reply header, reply payload), ``dana`` rule.
 
 Prints pushes/s of both and their ratio (goal >= 0.5), then the master's memory for
-``dana`` (ParameterServer.state_bytes() over parameter bytes, goal <= 1.2) and, apart,
+``dana`` (MasterState.state_bytes() over parameter bytes, goal <= 1.2) and, apart,
 its transport buffers; ``dana_zero`` and ``multi_asgd`` are shown for contrast.
 Ratios only, measured in this run; no assertion.
 
@@ -29,10 +29,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from lightning_dana.master import Master  # noqa: E402
+from lightning_dana.client import RemoteClient  # noqa: E402
+from lightning_dana.dealer import BatchDealer, sequential_order  # noqa: E402
+from lightning_dana.faults import FaultRecord  # noqa: E402
 from lightning_dana.rules import make_rule  # noqa: E402
-from lightning_dana.server import ParameterServer  # noqa: E402
-from lightning_dana.transport import Msg, WorkerClient, make_transport  # noqa: E402
+from lightning_dana.service import MasterService  # noqa: E402
+from lightning_dana.state import MasterState  # noqa: E402
+from lightning_dana.transport import make_transport  # noqa: E402
 
 SIZES = {"0.27M": 270_000, "25M": 25_000_000}
 ROUNDS = {"0.27M": 300, "25M": 8}  # per worker, at --scale 1
@@ -62,21 +65,26 @@ def _run(rank: int, port: int, scale: float, queue: mp.Queue) -> None:
         for senders in (1, WORKERS):
             dist.barrier()
             if rank == 0:
-                server = ParameterServer(make_rule("dana", torch.zeros(n), world), [n], torch.zeros(0))
-                master = Master(server, transport, world, [n], timeout=600, idle_timeout=600)
-                master.done = set(range(senders + 1, world))  # only `senders` workers take part
+                state = MasterState(make_rule("dana", torch.zeros(n), world), [n], torch.zeros(0))
+                faults = FaultRecord(world, 20)
+                for idle in [0, *range(senders + 1, world)]:  # only `senders` workers take part
+                    faults.done(idle)
+                service = MasterService(state, faults, transport, 1, timeout=600, idle_timeout=600)
+                service.set_dealer(BatchDealer(sequential_order(1), 1, 1))
                 start = time.perf_counter()
-                master.start()
-                assert master.join(600), "master did not finish"
-                rate = server.version / (time.perf_counter() - start)
-                queue.put(("master", label, senders, rate, master.buffer_bytes(), _memory(n, world)))
-                del master, server
+                service.start()
+                assert service.join(600), "master did not finish"
+                rate = state.version / (time.perf_counter() - start)
+                buffers = senders * n * 4  # one payload buffer per serving thread
+                queue.put(("master", label, senders, rate, buffers, _memory(n, world)))
+                del service, state
             elif rank <= senders:
-                client = WorkerClient(transport, rank, 1, timeout=600)
+                client = RemoteClient(transport, rank, 1, timeout=600, final_timeout=600)
                 reply, push = torch.empty(n), torch.full((n,), 1e-6)
+                client.pull(reply)
                 for _ in range(rounds):
-                    client.exchange(Msg.PUSH, push, [0.1], reply)
-                client.send_done()
+                    client.push(push, [0.1], 1, reply)
+                client.finish(0, reply)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -85,9 +93,9 @@ def _memory(n: int, world: int) -> dict[str, float]:
     param_bytes = n * 4
     out = {}
     for algorithm in ("dana", "dana_zero", "multi_asgd"):
-        server = ParameterServer(make_rule(algorithm, torch.zeros(n), world), [n], torch.zeros(0))
-        out[algorithm] = server.state_bytes() / param_bytes
-        del server
+        state = MasterState(make_rule(algorithm, torch.zeros(n), world), [n], torch.zeros(0))
+        out[algorithm] = state.state_bytes() / param_bytes
+        del state
     return out
 
 
@@ -112,7 +120,7 @@ def main() -> None:
     for _, label, senders, _, buffers, memory in masters:
         if senders == 1:
             cells = "  ".join(f"{k} {v:.2f}" for k, v in memory.items())
-            print(f"{label:>6}: state {cells};  transport buffers {buffers / (SIZES[label] * 4):.2f} (one push/reply buffer)")
+            print(f"{label:>6}: state {cells};  transport buffers {buffers / (SIZES[label] * 4):.2f} (one push/reply buffer per serving thread)")
 
 
 if __name__ == "__main__":

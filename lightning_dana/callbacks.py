@@ -208,3 +208,19 @@ def ensure_gap_monitor(trainer: pl.Trainer) -> None:
     """Lag and gap reach the loggers without the user asking: add a GapMonitor unless one is there."""
     if not any(isinstance(c, GapMonitor) for c in trainer.callbacks):
         trainer.callbacks.append(GapMonitor())
+
+
+class MasterView(Callback):
+    """Put first among the Trainer's callbacks by the strategies during ``fit`` (not for users).
+
+    At each epoch end, before the other callbacks, the module shows the master's model (so
+    ``StochasticWeightAveraging`` averages the master's parameters); at the end of fit, before the
+    other callbacks, the strategy finishes the run and the module holds the master's final model
+    (so SWA's average, moved in by its own ``on_train_end``, is what stays, as under DDP).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.show_master()  # type: ignore[attr-defined]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.finish_fit()  # type: ignore[attr-defined]

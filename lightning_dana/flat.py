@@ -33,18 +33,24 @@ class FlatModel:
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         self.group_sizes = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
-        names = {id(p): n for n, p in module.named_parameters()}
-        self.param_names = [names.get(id(p)) for p in self.params]
+        # every name of a tensor: a tied weight is one parameter under several names, all saved
+        names: dict[int, list[str]] = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        self.param_names = [names.get(id(p), []) for p in self.params]
+        buffer_names: dict[int, list[str]] = {}
+        for n, b in module.named_buffers(remove_duplicate=False):
+            if b is not None:
+                buffer_names.setdefault(id(b), []).append(n)
         named = [(n, b) for n, b in module.named_buffers() if b is not None]
         named.sort(key=lambda item: not item[1].dtype.is_floating_point)  # statistics, then counters
-        self.buffer_names = [n for n, _ in named]
+        self.buffer_names = [buffer_names[id(b)] for _, b in named]
         self.buffers: list[Tensor] = [b for _, b in named]
         #: trailing buffer values that count (the master adds their changes instead of taking them)
         self.counter_numel = sum(b.numel() for b in self.buffers if not b.dtype.is_floating_point)
         self.buffer_sizes = [b.numel() for b in self.buffers]
         self.buffer_numel = sum(self.buffer_sizes)
         self.payload_numel = self.numel + self.buffer_numel
-        self._expand = self.expander()
 
     # parameters ---------------------------------------------------------------------
     def empty(self, numel: int | None = None) -> Tensor:
@@ -94,22 +100,22 @@ class FlatModel:
         """
         params = zip(self.param_names, payload[: self.numel].split(self.sizes), self.params)
         buffers = zip(self.buffer_names, payload[self.numel :].split(self.buffer_sizes), self.buffers)
-        for name, view, p in params:
-            if name in state:
-                state[name] = view.view_as(p).clone()
-        for name, view, b in buffers:
-            if name in state:
-                state[name] = _as_buffer(view, b).to(b.dtype, copy=True)
+        for names, view, p in params:
+            value = view.view_as(p).clone()
+            for name in names:
+                if name in state:
+                    state[name] = value
+        for names, view, b in buffers:
+            value = _as_buffer(view, b).to(b.dtype, copy=True)
+            for name in names:
+                if name in state:
+                    state[name] = value
         return state
 
     # per-group hyperparameters ---------------------------------------------------
     def expander(self) -> GroupExpander:
         """A cached per-group expansion; keep one per hyperparameter (lr, weight decay)."""
         return GroupExpander(self.group_sizes, self.dtype, self.device)
-
-    def group_values(self, values: list[float]) -> LR:
-        """One value per param group, as a scalar when all agree, else expanded per element."""
-        return self._expand(values)
 
 
 class GroupExpander:

@@ -60,7 +60,7 @@ class UpdateRule:
         return {"theta": self.theta}
 
     def state_dict(self) -> dict:
-        """A snapshot (copies, like ``ParameterServer.state_dict``'s buffers): training on leaves it unchanged."""
+        """A snapshot (copies, like ``MasterState.state_dict``'s buffers): training on leaves it unchanged."""
         tensors = {
             key: [t.clone() for t in value] if isinstance(value, list) else value.clone()
             for key, value in self.state_tensors().items()

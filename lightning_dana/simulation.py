@@ -3,7 +3,7 @@
 Each training step is one push by one virtual worker, picked by a schedule: the
 model is loaded with that worker's stale parameters (its last pull), the user's
 ``training_step`` and backward run as usual, the worker's push goes to the
-:class:`~lightning_dana.server.ParameterServer`, and the reply is stored as that
+:class:`~lightning_dana.state.MasterState`, and the reply is stored as that
 worker's next pull. An epoch is still one pass over the data, shared by all
 workers, so the single-worker schedule (epochs, milestones, warm-up) keeps its
 meaning.
@@ -19,21 +19,19 @@ from typing import Any
 import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
 
 import pytorch_lightning as pl
-from lightning_dana.callbacks import ensure_gap_monitor
-from lightning_dana.flat import FlatModel
-from lightning_dana.rules import check_algorithm, make_rule
+from lightning_dana.callbacks import MasterView, ensure_gap_monitor
+from lightning_dana.compat import ONE_OPTIMIZER, one_optimizer
+from lightning_dana.core import DanaCore
+from lightning_dana.rules import check_algorithm
 from lightning_dana.schedules import make_schedule
-from lightning_dana.server import NonFinitePushError, ParameterServer, PushRecord
-from lightning_dana.worker import StepProxy, WorkerPush, check_optimizer
-
-
-_ONE_OPTIMIZER = (
-    "SimulatedWorkers trains with one optimizer (each optimizer step is one push), configure_optimizers "
-    "returned {count}; put all parameters in one optimizer (its param groups may differ)"
-)
+from lightning_dana.state import MasterState, PushRecord, RefusedPushError
+from lightning_dana.worker import StepProxy
 
 
 class SimulatedWorkers(SingleDeviceStrategy):
@@ -65,137 +63,167 @@ class SimulatedWorkers(SingleDeviceStrategy):
     ) -> None:
         super().__init__(device=device or "cpu", **kwargs)
         if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+            raise MisconfigurationException(f"SimulatedWorkers(num_workers={num_workers!r}): num_workers must be an integer >= 1")
         self.num_workers = num_workers
-        self.algorithm = check_algorithm(algorithm)
-        self.schedule_spec = schedule if isinstance(schedule, str) else [float(s) for s in schedule]
+        try:  # one kind of error for every bad argument, as DANAStrategy raises
+            self.algorithm = check_algorithm(algorithm)
+            self.schedule_spec = schedule if isinstance(schedule, str) else [float(s) for s in schedule]
+            self.schedule = make_schedule(self.schedule_spec, num_workers, seed, mean_time=float(batch_size))
+        except ValueError as error:
+            raise MisconfigurationException(f"SimulatedWorkers: {error}") from error
         self.seed = seed
-        self.schedule = make_schedule(self.schedule_spec, num_workers, seed, mean_time=float(batch_size))
         self._device_given = device is not None
-        self._server: ParameterServer | None = None
+        self._core: DanaCore | None = None
         self._records: deque[PushRecord] = deque(maxlen=100_000)  # bounded if nobody drains
         self._active: int | None = None
 
     # set-up -------------------------------------------------------------------------
+    @override
     def setup_environment(self) -> None:
         if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
             self._root_device = torch.device("cuda", torch.cuda.current_device())
         super().setup_environment()
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
-        try:
-            super().setup(trainer)
-        except RuntimeError as err:
-            if "multiple optimizers" in str(err):
-                raise ValueError(_ONE_OPTIMIZER.format(count="several")) from err
-            raise
-        module = self.lightning_module
-        if not module.automatic_optimization:
-            raise ValueError(
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and not self.lightning_module.automatic_optimization:
+            raise MisconfigurationException(
                 "SimulatedWorkers needs automatic optimization (each optimizer step is one push); "
                 "set `self.automatic_optimization = True` or train without SimulatedWorkers"
             )
+        super().setup(trainer)
+        if not fitting:
+            return  # validate, test and predict need no optimizer: they run on the module as it is
         if len(self.optimizers) != 1:
-            raise ValueError(_ONE_OPTIMIZER.format(count=len(self.optimizers)))
+            raise MisconfigurationException(ONE_OPTIMIZER.format(who="SimulatedWorkers", count=len(self.optimizers)))
         optimizer = self.optimizers[0]
-        momentum = check_optimizer(self.algorithm, optimizer)
-        self._flat = FlatModel(module, optimizer)
-        self._worker = WorkerPush(self._flat, optimizer, self.algorithm)
-        params = self._flat.read_params()
-        rule = make_rule(self.algorithm, params, self.num_workers, momentum)
-        self._server = ParameterServer(
-            rule, self._flat.sizes, self._flat.read_buffers(), counters=self._flat.counter_numel
-        )
-        self._pulled = self._flat.empty().repeat(self.num_workers, 1)
+        self._core = core = DanaCore(self.lightning_module, optimizer, self.algorithm, self.num_workers)
+        assert core.state is not None
+        self._pulled = core.empty().repeat(self.num_workers, 1)
         for w in range(self.num_workers):
-            self._server.pull(w, self._pulled[w])
-        self._push = self._flat.empty()
+            core.state.pull(w, self._pulled[w])
+        self._push = core.empty()
         self._optimizer = optimizer
         # dana: every worker runs its own copy of the user's optimizer state
         self._worker_states = [optimizer.state] + [defaultdict(dict) for _ in range(self.num_workers - 1)]
         self._proxy = StepProxy(optimizer, self._push_pull)
         ensure_gap_monitor(trainer)
+        trainer.callbacks.insert(0, MasterView())
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        with one_optimizer("SimulatedWorkers"):
+            super().setup_optimizers(trainer)
 
     # the worker's step --------------------------------------------------------------
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._active is None:
             self._active = self.schedule.next_worker()
-        self._worker.load(self._pulled[self._active])
-        if self._worker.pushes_step:
+        self._core.load(self._pulled[self._active])
+        if self._core.worker.pushes_step:
             self._optimizer.state = self._worker_states[self._active]
         return super().training_step(*args, **kwargs)
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._core is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
         return super().optimizer_step(self._proxy, closure, model, **kwargs)
 
     def _push_pull(self) -> None:
-        worker, pulled = self._active, self._pulled[self._active]
-        lr = self._worker.lr()
-        self._worker.compute(pulled, self._push)
+        core, worker, pulled = self._core, self._active, self._pulled[self._active]
+        assert core.state is not None
+        lrs = core.worker.lrs()
+        core.worker.compute(pulled, self._push)
         try:
-            self._records.append(self._server.serve(worker, self._push, lr, out=pulled, pulled=pulled))
-        except NonFinitePushError as err:
-            rank_zero_warn(f"{err} (total refused: {self._server.refused}); the worker restarts from the master")
-            self._server.pull(worker, pulled)
-            if self._worker.pushes_step:  # its optimizer state produced the NaN: start it afresh
-                self._worker_states[worker] = self._optimizer.state = defaultdict(dict)
+            self._records.append(core.state.serve(worker, self._push, lrs, out=pulled, pulled=pulled))
+        except RefusedPushError as err:
+            reset = core.after_refusal(self._worker_states[worker])
+            rank_zero_warn(
+                f"{err} (total refused: {core.state.refused}); the worker restarts from the master"
+                + ("; its optimizer state held NaN/Inf and was reset" if reset else "")
+            )
+            core.state.pull(worker, pulled)
         self._active = None
 
     # the master's parameters outside training ------------------------------------
     def _load_master(self) -> None:
-        if self._server is not None:
-            self._worker.load(self._server.eval_payload())
+        if self._core is not None and self._core.state is not None:
+            self._core.load(self._core.state.eval_payload())
 
+    @override
     def on_validation_start(self) -> None:
         self._load_master()
 
+    @override
     def on_test_start(self) -> None:
         self._load_master()
 
+    @override
     def on_predict_start(self) -> None:
         self._load_master()
 
-    def on_train_end(self) -> None:
-        self._load_master()  # after fit, the module holds the trained (master's) model
+    def show_master(self) -> None:
+        """At each epoch end (MasterView): epoch-end callbacks such as SWA see the master's model."""
+        self._load_master()
 
+    def finish_fit(self) -> None:
+        """First thing at the end of fit (MasterView): the module holds the trained (master's) model."""
+        self._load_master()
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if module is not None and module._trainer is not None:
+            callbacks = module.trainer.callbacks
+            callbacks[:] = [c for c in callbacks if not isinstance(c, MasterView)]
+        super().teardown()
+
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
-        if self._server is None:
+        if self._core is None or self._core.state is None:
             return state
-        return self._flat.state_dict_of(self._server.eval_payload(), state)
+        return self._core.module_state_dict(self._core.state.eval_payload(), state)
 
     # checkpoints --------------------------------------------------------------------
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self._server is not None:
+        if self._core is not None:
             checkpoint["simulated_workers"] = self._state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         super().load_optimizer_state_dict(checkpoint)
-        if "simulated_workers" in checkpoint:
+        if "simulated_workers" in checkpoint and self._core is not None:
             self._load_state_dict(checkpoint["simulated_workers"])
 
     def _state_dict(self) -> dict[str, Any]:
-        return {
-            "algorithm": self.algorithm,
-            "num_workers": self.num_workers,
-            "server": self._server.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "pulled": self._pulled.clone(),
-            "active": self._active,
-            "rng": _rng_states(),  # the data order of the next epochs
-            "worker_optimizer_states": [self._optimizer_state(s) for s in self._worker_states]
-            if self._worker.pushes_step
+        core = self._core
+        assert core is not None and core.state is not None
+        return core.checkpoint(
+            core.state.state_dict(),
+            schedule=self.schedule.state_dict(),
+            pulled=self._pulled.clone(),
+            active=self._active,
+            rng=_rng_states(),  # the data order of the next epochs
+            worker_optimizer_states=[self._optimizer_state(s) for s in self._worker_states]
+            if core.worker.pushes_step
             else None,
-        }
+        )
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["algorithm"], state["num_workers"]) != (self.algorithm, self.num_workers):
-            raise ValueError(
+        core = self._core
+        assert core is not None and core.state is not None
+        if state["num_workers"] != self.num_workers:
+            raise MisconfigurationException(
                 f"the checkpoint was made by SimulatedWorkers(algorithm={state['algorithm']!r}, "
                 f"num_workers={state['num_workers']}); resume with the same algorithm and num_workers"
             )
-        self._server.load_state_dict(state["server"])
+        core.state.load_state_dict(core.resumable_master(state))
         self.schedule.load_state_dict(state["schedule"])
         self._pulled.copy_(state["pulled"])
         self._active = state["active"]
@@ -226,16 +254,16 @@ class SimulatedWorkers(SingleDeviceStrategy):
     @property
     def worker_optimizer_states(self) -> list[defaultdict]:
         """Each virtual worker's optimizer state (``dana``); MomentumCorrection rescales them all."""
-        return self._worker_states if self._server is not None and self._worker.pushes_step else []
+        return self._worker_states if self._core is not None and self._core.worker.pushes_step else []
 
     @property
-    def server(self) -> ParameterServer | None:
-        return self._server
+    def master_state(self) -> MasterState | None:
+        """The master's state (rule, version, buffers) during and after ``fit``."""
+        return self._core.state if self._core is not None else None
 
     @property
     def simulated_time(self) -> float:
         return self.schedule.clock
-
 
 
 def _rng_states() -> dict[str, Any]:

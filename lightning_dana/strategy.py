@@ -1,91 +1,84 @@
 """Real asynchronous training: ``Trainer(strategy="dana", devices=N)``, one process per worker.
 
 A thin adapter over Lightning's :class:`~pytorch_lightning.strategies.DDPStrategy`:
-the launchers (local subprocesses, spawn), cluster environments (torchrun,
-SLURM, LSF, MPI), ranks, samplers and collectives are Lightning's; the DDP
-wrapper is not used. Instead every optimizer step is a push to the master and
-a pull of the reply (:class:`~lightning_dana.worker.StepProxy` inside the
-precision plugin, so closures, ``on_before_optimizer_step``, gradient clipping
-and LR schedulers keep working). The master is a thread of global rank 0
-(:mod:`lightning_dana.master`), which is also worker 0.
+launchers, cluster environments (torchrun, SLURM, LSF, MPI) and ranks are
+Lightning's; the DDP wrapper is not used. Global rank 0 hosts the master
+(:mod:`lightning_dana.service`) and is also worker 0; every rank talks to the
+master through one client interface (:mod:`lightning_dana.client`).
 
-What the checkpoint, validation and the module after ``fit`` see is the
-master's model; each worker keeps its own optimizer state (``dana``), and
-checkpoints hold them all.
+The whole of ``fit`` is asynchronous: the master deals the training batches
+(:mod:`lightning_dana.data`), every optimizer step is a push and the reply its
+next pull (:class:`~lightning_dana.worker.StepProxy` inside the precision
+plugin), and Lightning's collectives (barriers, broadcasts, reductions,
+``sync_dist``, torchmetrics syncs) act on the local rank alone. Validation,
+checkpoints, loggers and stop decisions are rank 0's, on the master's model,
+while the other workers keep training; a dead worker's batches are dealt again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import threading
-import time
 import warnings
-from collections import defaultdict
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
 import torch
-import torch.distributed as dist
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.data import BatchSampler, DataLoader
+from typing_extensions import override
 
 import pytorch_lightning as pl
-from lightning_dana.callbacks import ensure_gap_monitor
-from lightning_dana.flat import FlatModel, optimizer_values
-from lightning_dana.master import Master
-from lightning_dana.rules import ALGORITHMS, check_algorithm, make_rule
-from lightning_dana.server import ParameterServer, PushRecord
-from lightning_dana.transport import (
-    TRANSPORTS,
-    Msg,
-    TrainingAborted,
-    WorkerClient,
-    make_transport,
-    resolve_transport,
-)
-from lightning_dana.worker import StepProxy, WorkerPush, check_optimizer
+from lightning_dana import compat
+from lightning_dana.callbacks import MasterView, ensure_gap_monitor
+from lightning_dana.client import LocalClient, MasterClient, RemoteClient, TrainingAborted
+from lightning_dana.core import DanaCore
+from lightning_dana.data import DealtBatchSampler, make_dealer
+from lightning_dana.faults import FaultRecord, MasterFailedError, WorkerLostError
+from lightning_dana.launcher import WatchedSubprocessLauncher
+from lightning_dana.protocol import AbortCode, Msg
+from lightning_dana.rules import ALGORITHMS, check_algorithm
+from lightning_dana.service import MasterService
+from lightning_dana.state import PushRecord
+from lightning_dana.transport import TRANSPORTS, make_transport, resolve_transport
+from lightning_dana.worker import StepProxy
 
 log = logging.getLogger(__name__)
 
 ERROR_CHECKPOINT = "dana-master-on-error.ckpt"
+PERIODIC_CHECKPOINT = "dana-master-latest.ckpt"
 
-
-class WorkerLostError(RuntimeError):
-    """A worker process died or failed: training stops on every rank, the master's model is saved."""
-
-
-class MasterFailedError(RuntimeError):
-    """The master's serving thread stopped with an error (see the message and rank 0's log)."""
+__all__ = ["DANAStrategy", "MasterFailedError", "TrainingAborted", "WorkerLostError", "register_strategies"]
 
 
 class DANAStrategy(DDPStrategy):
     """Asynchronous data-parallel training with one worker per process and a master in rank 0.
 
     Args:
-        algorithm: ``"dana"`` (default), ``"dana_zero"``, ``"multi_asgd"``, ``"nag_asgd"`` or ``"asgd"``.
+        algorithm: an update rule of :data:`lightning_dana.ALGORITHMS` (default ``"dana"``).
         transport: how pushes travel: ``"gloo"`` (CPU tensors), ``"nccl"`` (CUDA tensors, headers on
             gloo), ``"mpi"`` (mpi4py, under ``mpiexec``) or ``"auto"`` (mpi under Lightning's
             MPIEnvironment on CPU, nccl on GPU, else gloo).
-        timeout: seconds any one wait may take: a worker's push and reply, Lightning's collectives
-            (the process-group timeout), the master's receive of a payload.
-        idle_timeout: seconds the master waits for the next message from any worker before it
-            gives up; it must exceed the longest pause of every worker at once (validation,
-            checkpoint writing). Default: ``max(6 * timeout, 1800)``.
+        timeout: seconds one request and its reply may take (a push, a pull, a batch); also the
+            process-group timeout of set-up.
+        idle_timeout: seconds a worker may stay silent before the master declares it lost, and a
+            finished worker waits for the others' last steps. Default: ``max(6 * timeout, 1800)``.
         gap_every: the master measures the gap G of one push in every ``gap_every`` (0: never).
-        error_checkpoint: file name, in the Trainer's ``default_root_dir``, that rank 0 writes the
-            master's model to when training stops on an exception (``None``: do not write it).
+        checkpoint_every: rank 0 writes the master's model to ``dana-master-latest.ckpt`` in the
+            Trainer's ``default_root_dir`` each time this many more pushes were applied (0: never).
+        error_checkpoint: file name, in ``default_root_dir``, that rank 0 writes the master's model to
+            when training stops on an exception (``None``: do not); an existing file is never overwritten.
+        max_refused_in_a_row: pushes refused in a row (NaN/Inf, overflow) that stop the run as diverged.
         start_method: ``"popen"`` (re-run the script, as ``strategy="ddp"``) or ``"spawn"``/``"fork"``.
     """
 
@@ -98,7 +91,9 @@ class DANAStrategy(DDPStrategy):
         timeout: float = 300.0,
         idle_timeout: float | None = None,
         gap_every: int = 10,
+        checkpoint_every: int = 0,
         error_checkpoint: str | None = ERROR_CHECKPOINT,
+        max_refused_in_a_row: int = 20,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -107,15 +102,20 @@ class DANAStrategy(DDPStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
     ) -> None:
-        check_algorithm(algorithm)
-        if transport not in TRANSPORTS:
-            raise ValueError(f"DANAStrategy(transport={transport!r}) is not known; choose one of {', '.join(TRANSPORTS)}")
-        if not timeout > 0:
-            raise ValueError(f"DANAStrategy(timeout={timeout!r}) must be a number of seconds > 0")
-        if idle_timeout is not None and not idle_timeout > 0:
-            raise ValueError(f"DANAStrategy(idle_timeout={idle_timeout!r}) must be a number of seconds > 0, or None")
-        if gap_every < 0:
-            raise ValueError(f"DANAStrategy(gap_every={gap_every}) must be >= 0 (0: never measure the gap)")
+        try:
+            check_algorithm(algorithm)
+        except ValueError as error:
+            raise MisconfigurationException(f"DANAStrategy({error}") from error
+        for name, value, ok, need in (
+            ("transport", transport, transport in TRANSPORTS, f"one of {', '.join(TRANSPORTS)}"),
+            ("timeout", timeout, _positive(timeout), "a number of seconds > 0"),
+            ("idle_timeout", idle_timeout, idle_timeout is None or _positive(idle_timeout), "seconds > 0, or None"),
+            ("gap_every", gap_every, isinstance(gap_every, int) and gap_every >= 0, "an integer >= 0 (0: never)"),
+            ("checkpoint_every", checkpoint_every, isinstance(checkpoint_every, int) and checkpoint_every >= 0, "an integer >= 0 (0: never)"),
+            ("max_refused_in_a_row", max_refused_in_a_row, isinstance(max_refused_in_a_row, int) and max_refused_in_a_row >= 1, "an integer >= 1"),
+        ):
+            if not ok:
+                raise MisconfigurationException(f"DANAStrategy({name}={value!r}) must be {need}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -131,27 +131,33 @@ class DANAStrategy(DDPStrategy):
         self.timeout_s = float(timeout)
         self.idle_timeout_s = float(idle_timeout) if idle_timeout is not None else max(6 * float(timeout), 1800.0)
         self.gap_every = gap_every
+        self.checkpoint_every = checkpoint_every
         self.error_checkpoint = error_checkpoint
-        self.refused_pushes = 0  # this worker's pushes the master refused (NaN/Inf)
+        self.max_refused_in_a_row = max_refused_in_a_row
+        self.refused_pushes = 0  # this worker's pushes the master refused
         self.master_refused: list[int] = []  # rank 0, after fit: refused pushes per worker
+        self.lost_workers: dict[int, str] = {}  # rank 0, after fit: workers lost during the run, and why
+        self._error_checkpoint_path: str | None = None
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
         # created in setup(), after the (spawn) launcher pickled the strategy: no threads or locks before
-        self._flat: FlatModel | None = None
-        self._worker: WorkerPush | None = None
-        self._optimizer: Optimizer | None = None
+        self._core: DanaCore | None = None
+        self._service: MasterService | None = None
+        self._client: MasterClient | None = None
+        self._faults: FaultRecord | None = None
         self._pulled: Tensor | None = None
         self._push_buf: Tensor | None = None
-        self._eval_buf: Tensor | None = None
-        self._master: Master | None = None
-        self._client: WorkerClient | None = None
-        self._transport_name: str | None = None
-        self._fit_active = False
-        self._no_collectives = False
+        self._async = False  # collectives act on this rank alone
+        self._training = False  # between on_train_start and the end of fit
+        self._shows_master = False  # the module holds the master's model, not this worker's pull
+        self._batches = 0  # batches started since this worker's last push
+        self._limit_val_batches: Any = None
+        self._limit_train_batches: Any = 1.0
+        self._rank0_callbacks: list[Any] = []  # ranks 1..N-1: set aside during fit
+        self._next_checkpoint = 0
         self._pending_save: dict[str, Any] | None = None
-        self._lost: dict[int, str] = {}
-        self._error_checkpoint_path: str | None = None
+        self._exits: dict[int, int] = {}  # local rank -> exit code, reported by the launcher's watcher
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -160,19 +166,21 @@ class DANAStrategy(DDPStrategy):
         return self.world_size
 
     @property
-    def master(self) -> Master | None:
-        """Rank 0's parameter server during ``fit``; ``None`` on other ranks and outside ``fit``."""
-        return self._master
-
-    @property
-    def server(self) -> ParameterServer | None:
-        return self._master.server if self._master is not None else None
+    def service(self) -> MasterService | None:
+        """Rank 0's master during ``fit``; ``None`` on other ranks and outside ``fit``."""
+        return self._service
 
     def drain_push_records(self) -> list[PushRecord]:
         """Pushes the master applied since the last call (rank 0); ``[]`` on other ranks."""
-        return self._master.drain_records() if self._master is not None else []
+        return self._service.drain_records() if self._service is not None else []
 
-    # ------------------------------------------------------------ launch and environment
+    @property
+    def error_checkpoint_path(self) -> str | None:
+        """Where rank 0 saved the master's model after an exception, if it did."""
+        return self._error_checkpoint_path
+
+    # ------------------------------------------------------------ launch and set-up
+    @override
     def _configure_launcher(self) -> None:
         workers = self.num_nodes * self.num_processes
         if workers < 2:
@@ -183,12 +191,13 @@ class DANAStrategy(DDPStrategy):
             )
         if self._start_method == "popen":
             assert self.cluster_environment is not None
-            self._launcher = _WatchedSubprocessLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes, self._on_child_exit, self.timeout_s
+            self._launcher = WatchedSubprocessLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, self._on_child_exit
             )
         else:
             super()._configure_launcher()
 
+    @override
     def setup_environment(self) -> None:
         module = self.lightning_module
         trainer = module.trainer if module is not None and module._trainer is not None else None
@@ -201,75 +210,134 @@ class DANAStrategy(DDPStrategy):
                 )
         super().setup_environment()
 
+    @override
     def configure_ddp(self) -> None:
         """No DDP wrapper: gradients are not averaged, each worker pushes to the master instead."""
 
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        with compat.one_optimizer(f"strategy={self.strategy_name!r}"):
+            super().setup_optimizers(trainer)
+
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync is not None:
             raise MisconfigurationException(
                 f"strategy={self.strategy_name!r} cannot use sync_batchnorm=True: SyncBatchNorm synchronizes every "
                 "forward pass across workers; set sync_batchnorm=False (BatchNorm statistics travel with the pushes)"
             )
+        interval = trainer.val_check_interval
+        if fitting and isinstance(interval, float) and interval < 1.0:
+            raise MisconfigurationException(
+                f"strategy={self.strategy_name!r} cannot use Trainer(val_check_interval={interval}): how many batches "
+                "of an epoch rank 0 trains depends on the other workers' speed; use 1.0 (validate after each epoch) "
+                "or an int (every so many of rank 0's batches)"
+            )
         super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        if not fitting:
             return
         _sync_module_states(self.model)  # DDP would have broadcast rank 0's initial weights
-        if len(self.optimizers) != 1:
-            raise MisconfigurationException(
-                f"strategy={self.strategy_name!r} trains with exactly one optimizer (each optimizer step is one "
-                f"push), configure_optimizers returned {len(self.optimizers)}; put all parameters in one optimizer "
-                "(its param groups may differ)"
-            )
-        optimizer = self.optimizers[0]
-        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        try:
-            momentum = check_optimizer(self.algorithm, optimizer)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
-        module = self.lightning_module
-        flat = FlatModel(module, optimizer)
-        self._flat, self._optimizer = flat, optimizer
-        self._worker = WorkerPush(flat, optimizer, self.algorithm)
-        self._pulled = flat.empty()
-        flat.read_params(self._pulled[: flat.numel])
-        flat.read_buffers(self._pulled[flat.numel :])
-        self._push_buf = flat.empty()
-        self._eval_buf = flat.empty()
-        self._transport_name = resolve_transport(self.transport, self.root_device, self.cluster_environment)
+        optimizer = _unwrap(self.optimizers[0])
+        rank, master = self.global_rank, self.global_rank == 0
+        core = DanaCore(self.lightning_module, optimizer, self.algorithm, self.world_size, master, self.gap_every)
+        transport_name = resolve_transport(self.transport, self.root_device, self.cluster_environment)
         transport = make_transport(self.transport, self.root_device, self.timeout_s, self.cluster_environment)
-        if self.global_rank == 0:
-            rule = make_rule(self.algorithm, self._pulled[: flat.numel], self.world_size, momentum)
-            server = ParameterServer(
-                rule, flat.sizes, self._pulled[flat.numel :], gap_every=self.gap_every, counters=flat.counter_numel
-            )
-            self._master = Master(
-                server, transport, self.world_size, flat.group_sizes, self.timeout_s, self.idle_timeout_s
-            )
-            for rank, reason in self._lost.items():  # a worker that died before the master existed
-                self._master.mark_lost(rank, reason)
+        self._core, self._pulled, self._push_buf = core, core.empty(), core.empty()
+        groups = len(optimizer.param_groups)
+        if master:
+            assert core.state is not None
+            self._faults = FaultRecord(self.world_size, self.max_refused_in_a_row)
+            for local_rank, code in self._exits.items():  # a worker that died before the master existed
+                self._on_child_exit(local_rank, code)
+            self._service = MasterService(core.state, self._faults, transport, groups, self.timeout_s, self.idle_timeout_s)
+            self._client = LocalClient(self._service)
+            self._service.start()
         else:
-            self._client = WorkerClient(transport, self.global_rank, len(optimizer.param_groups), self.timeout_s)
-        self._fit_active = True
-        _unsync_sigterm_check(trainer)
+            self._client = RemoteClient(transport, rank, groups, self.timeout_s, self.idle_timeout_s + self.timeout_s)
+        self._go_async(trainer)
         ensure_gap_monitor(trainer)
+        if torch.are_deterministic_algorithms_enabled() and master:  # Trainer(deterministic=True) set it
+            warnings.warn(
+                f"Trainer(deterministic=True) with strategy={self.strategy_name!r}: each worker computes "
+                "deterministically, but pushes reach the master in the order the workers finish, which differs "
+                "between runs, so two runs differ. For reproducible asynchronous runs simulate the workers with "
+                "lightning_dana.SimulatedWorkers (a seeded push order)"
+            )
         rank_zero_info(
-            f"DANAStrategy: {self.world_size} workers, algorithm={self.algorithm!r}, transport={self._transport_name!r}, "
-            f"{flat.payload_numel} values per push"
+            f"DANAStrategy: {self.world_size} workers, algorithm={self.algorithm!r}, transport={transport_name!r}, "
+            f"{core.flat.payload_numel} values per push"
         )
 
-    # --------------------------------------------------------------- training steps
-    def on_train_start(self) -> None:
-        if not self._fit_active:
-            return
-        assert self._pulled is not None and self._worker is not None
-        if self._master is not None:
-            self._master.start()
-            self._master.pull_local(0, self._pulled)
-        else:
-            assert self._client is not None
-            self._client.exchange(Msg.PULL, None, [], self._pulled)
-        self._worker.load(self._pulled)
+    def _go_async(self, trainer: pl.Trainer) -> None:
+        """From here to the end of fit no rank waits for another: see the module docstring."""
+        self._async = True
+        compat.local_sigterm_check(trainer)
+        compat.set_metric_sync(self.lightning_module, False)
+        if self.global_rank != 0:  # validation, checkpoints and stop decisions are rank 0's, on the master's model
+            self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
+            self._rank0_callbacks = [c for c in trainer.callbacks if isinstance(c, (Checkpoint, EarlyStopping))]
+            trainer.callbacks[:] = [c for c in trainer.callbacks if c not in self._rank0_callbacks]
+        # the master's dealer limits each epoch; Lightning must not end one by its own count
+        self._limit_train_batches, trainer.limit_train_batches = trainer.limit_train_batches, 1.0
+        trainer.callbacks.insert(0, MasterView())
 
+    def _leave_async(self, trainer: pl.Trainer) -> None:
+        self._async = False
+        compat.restore_sigterm_check(trainer)
+        compat.set_metric_sync(self.lightning_module, True)
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches = self._limit_val_batches
+        trainer.limit_train_batches = self._limit_train_batches
+        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, MasterView)] + self._rank0_callbacks
+        self._rank0_callbacks = []
+
+    # --------------------------------------------------------------- training data
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """The training DataLoader takes its batches from the master (in place of a DistributedSampler)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if not (self._async and trainer is not None and trainer.training and isinstance(dataloader, DataLoader)):
+            return dataloader
+        if type(dataloader.batch_sampler) is not BatchSampler:
+            warnings.warn(
+                f"strategy={self.strategy_name!r}: the training DataLoader has "
+                + ("an iterable dataset" if dataloader.batch_sampler is None else f"a custom batch sampler ({type(dataloader.batch_sampler).__name__})")
+                + ", so the master cannot deal its batches; every worker iterates it whole, as it is. Shard it by "
+                "rank yourself (trainer.global_rank), or use a map-style dataset to have the master deal batches"
+            )
+            return dataloader
+        assert self._client is not None
+        if self._service is not None:
+            accumulate = trainer.accumulate_grad_batches
+            max_batches = trainer.max_steps * accumulate if trainer.max_steps >= 0 else None
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            self._service.set_dealer(make_dealer(dataloader, seed, self._limit_train_batches, max_batches))
+        return compat.with_batch_sampler(dataloader, DealtBatchSampler(self._client, lambda: trainer.current_epoch))
+
+    # --------------------------------------------------------------- training steps
+    @override
+    def on_train_start(self) -> None:
+        if self._client is None:
+            return
+        assert self._core is not None and self._pulled is not None
+        if self._service is not None:
+            self._next_checkpoint = self._service.state.version + self.checkpoint_every
+        self._training = True
+        self._client.pull(self._pulled)
+        self._core.load(self._pulled)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._client is None:
+            return
+        if self._shows_master:  # an epoch-end view of the master: back to this worker's own parameters
+            assert self._core is not None and self._pulled is not None
+            self._core.load(self._pulled)
+            self._shows_master = False
+        self._batches += 1
+
+    @override
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -277,262 +345,211 @@ class DANAStrategy(DDPStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        if not self._fit_active:
+        if self._client is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        self._check_health()
-        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         model = model or self.lightning_module
         assert isinstance(model, pl.LightningModule)
-        return self.precision_plugin.optimizer_step(StepProxy(inner, self._push_pull), model=model, closure=closure, **kwargs)
+        proxy = StepProxy(_unwrap(optimizer), self._push_pull)
+        return self.precision_plugin.optimizer_step(proxy, model=model, closure=closure, **kwargs)
 
     def _push_pull(self) -> None:
-        """WorkerPush.compute -> send -> reply -> WorkerPush.load."""
-        assert self._worker is not None and self._pulled is not None and self._optimizer is not None
-        push = self._worker.compute(self._pulled, self._push_buf)
-        lrs = optimizer_values(self._optimizer, "lr")
-        if self._master is not None:
-            kind = self._master.serve_local(0, push, lrs, self._pulled)
-        else:
-            assert self._client is not None
-            kind = self._client.exchange(Msg.PUSH, push, lrs, self._pulled)
+        """Worker.compute -> push -> reply (the next pull) -> load it."""
+        core, client, pulled, buf = self._core, self._client, self._pulled, self._push_buf
+        assert core is not None and client is not None and pulled is not None and buf is not None
+        trainer = self.lightning_module.trainer
+        if self._service is not None and trainer.should_stop:
+            self._service.request_stop()  # rank 0 decided (EarlyStopping, a callback): every worker stops
+        lrs = core.worker.lrs()
+        core.worker.compute(pulled, buf)
+        kind = client.push(buf, lrs, self._batches, pulled)
+        self._batches = 0
         if kind == Msg.REFUSED:
-            self._on_refused()
-        self._worker.load(self._pulled)
-
-    def _on_refused(self) -> None:
-        self.refused_pushes += 1
-        reset = False
-        assert self._optimizer is not None
-        for state in self._optimizer.state.values():
-            if any(isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
-                reset = True
-        if reset:  # a NaN in the momentum would poison every later push of this worker
-            self._optimizer.state = defaultdict(dict)
-        warnings.warn(
-            f"lightning-dana: worker rank {self.global_rank}'s push held NaN or Inf; the master refused it and sent "
-            f"its current parameters ({self.refused_pushes} refused on this worker"
-            + ("; this worker's optimizer state held NaN/Inf and was reset" if reset else "")
-            + ")"
-        )
-
-    def _check_health(self) -> None:
-        """Rank 0 stops (and so every rank, at its next push) when a worker is lost or the master failed."""
-        if self._master is None:
-            return
-        if self._master.error is not None:
-            self._master.abort()
-            raise MasterFailedError(f"the master's serving thread stopped: {self._master.error}") from self._master.error
-        if self._master.lost:
-            rank, reason = next(iter(self._master.lost.items()))
-            raise WorkerLostError(
-                f"{reason}. Lightning's collectives (epoch end, checkpoints, sync_dist) need every rank, so training "
-                "stops on all ranks; the master's model is saved by rank 0 "
-                f"({self.error_checkpoint or 'no error checkpoint: error_checkpoint=None'}). Resume from it with "
-                "trainer.fit(..., ckpt_path=...)"
+            self.refused_pushes += 1
+            reset = core.after_refusal(core.optimizer.state)
+            warnings.warn(
+                f"lightning-dana: worker rank {self.global_rank}'s push was refused by the master, which sent its "
+                f"current parameters ({self.refused_pushes} refused on this worker"
+                + ("; this worker's optimizer state held NaN/Inf and was reset" if reset else "")
+                + ")"
             )
+        core.load(pulled)
+        if client.stop:
+            trainer.should_stop = True  # the run is over: Lightning ends the epoch after this step
+        if self._service is not None and self.checkpoint_every and self._service.state.version >= self._next_checkpoint:
+            self._save_master(PERIODIC_CHECKPOINT, overwrite=True)
+            self._next_checkpoint = self._service.state.version + self.checkpoint_every
 
-    def _on_child_exit(self, local_rank: int, returncode: int) -> None:
-        """Called by the launcher's watcher thread (rank 0, local runs) when a worker process exits with an error."""
-        rank = self.node_rank * self.num_processes + local_rank
-        reason = f"worker rank {rank} (local rank {local_rank}) exited with code {returncode}"
-        self._lost[rank] = reason
-        if self._master is not None:
-            self._master.mark_lost(rank, reason)
+    # ------------------------------------------------ the master's model outside steps
+    def show_master(self) -> None:
+        """At each epoch end, before the other callbacks: a worker told that the run is over stops (an epoch
+        can end without a step that heard it); on rank 0 the module holds the master's model (for SWA)."""
+        if self._client is not None and self._client.stop:
+            self.lightning_module.trainer.should_stop = True
+        if self._service is None or self._core is None:
+            return
+        self._core.load(self._service.eval_payload(self._core.empty()))
+        self._shows_master = True
 
-    # --------------------------------------------------- the master's model for evaluation
-    def _load_master(self) -> None:
-        """Every rank loads the master's parameters and buffers (a barrier, then a broadcast from rank 0)."""
-        assert self._eval_buf is not None and self._worker is not None
-        self.barrier("dana_load_master")  # every worker's pushes so far are in
-        if self._master is not None:
-            self._master.eval_payload(self._eval_buf)
-        dist.broadcast(self._eval_buf, src=0)
-        self._worker.load(self._eval_buf)
+    def finish_fit(self) -> None:
+        """Every rank, first thing at the end of fit: say this worker is done, wait for the run to be over
+        (the other workers' steps in flight), and leave the master's final model in the module."""
+        if self._client is None or not self._training:
+            return
+        assert self._core is not None and self._pulled is not None
+        self._training = False
+        if self._service is not None and self.lightning_module.trainer.should_stop:
+            self._service.request_stop()  # rank 0 decided at an epoch end (EarlyStopping): the others stop too
+        self._client.finish(self._batches, self._pulled)
+        self._core.load(self._pulled)
+        if self._service is not None:
+            self.master_refused = list(self._service.faults.refused)
+            self.lost_workers = self._service.faults.gone()
+            self._service.join(self.timeout_s)
 
+    @override
     def on_validation_start(self) -> None:
-        if self._fit_active:
-            self._load_master()
+        if self._service is not None and self._core is not None and self._training:
+            self._core.load(self._service.eval_payload(self._core.empty()))
 
+    @override
     def on_validation_end(self) -> None:
-        if self._fit_active and self._worker is not None:
-            self._worker.load(self._pulled)  # back to this worker's own parameters
+        if self._service is not None and self._core is not None and self._pulled is not None and self._training:
+            self._core.load(self._pulled)  # back to this worker's own parameters
 
+    @override
     def on_train_end(self) -> None:
-        """Stop the master with explicit stop messages, then leave the master's model in every rank's module."""
-        if not self._fit_active:
-            return
-        if self._client is not None:
-            self._client.send_done()
-        if self._master is not None and not self._master.join(self.timeout_s):
-            raise MasterFailedError(
-                f"the master still waits for stop messages from workers {sorted(self._master._remote_active())} "
-                f"after {self.timeout_s:.0f}s"
-            )
-        self._check_health()
-        if self._master is not None:
-            self.master_refused = list(self._master.refused)
-        self._load_master()
-        self._fit_active = False
+        self.finish_fit()  # done by MasterView already, unless a callback ended fit without it
+        if self._async:
+            self._leave_async(self.lightning_module.trainer)
+
+    # ------------------------------------- collectives: this rank alone during fit
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not self._async:
+            super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj if self._async else super().broadcast(obj, src)
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        """During fit, ``sync_dist=True`` means this rank's own value (rank 0's is what loggers write)."""
+        return tensor if self._async else super().reduce(tensor, group, reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """During fit, a gather of this rank alone (a leading dimension of size 1)."""
+        return tensor.unsqueeze(0) if self._async else super().all_gather(tensor, group, sync_grads)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """During fit, rank 0 decides (to stop, to save) and tells the others through the master."""
+        if not self._async:
+            return super().reduce_boolean_decision(decision, all)
+        return bool(decision) if self.global_rank == 0 else False
 
     # ------------------------------------------------------------------- checkpoints
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The master's model as the checkpoint's ``state_dict`` (so ``load_from_checkpoint`` gives it)."""
         state = super().lightning_module_state_dict()
-        if not self._fit_active:
+        if self._service is None or self._core is None or not self._async:
             return state
-        if not self._no_collectives:
-            self.barrier("dana_checkpoint")  # every worker's pushes are in; its optimizer state matches them
-        if self._master is None:
-            return state
-        payload, server_state = self._master.snapshot()
-        self._pending_save = {"server": server_state}
-        assert self._flat is not None
-        return self._flat.state_dict_of(payload, state)
+        payload, master, dealer = self._service.snapshot()
+        self._pending_save = self._core.checkpoint(master, dealer=dealer)
+        return self._core.module_state_dict(payload, state)
 
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
-        """This worker's optimizer state; rank 0 also gathers every worker's, for the checkpoint."""
-        local = super().optimizer_state(optimizer)
-        if not self._fit_active:
-            return local
-        if self._no_collectives:
-            gathered: list | None = [local] + [None] * (self.world_size - 1)
-        else:
-            gathered = [None] * self.world_size if self.global_rank == 0 else None
-            dist.gather_object(local, gathered, dst=0)
-        if self._pending_save is not None:
-            self._pending_save["worker_optimizer_states"] = gathered
-        return local
-
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if self.is_global_zero and self._pending_save is not None:
-            checkpoint["dana"] = {
-                "algorithm": self.algorithm,
-                "num_workers": self.world_size,
-                "worker_optimizer_states": None,
-                **self._pending_save,
-            }
+            checkpoint["dana"] = self._pending_save
         self._pending_save = None
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         super().load_optimizer_state_dict(checkpoint)
         saved = checkpoint.get("dana")
-        if saved is None or not self._fit_active:
+        if saved is None or self._core is None:
             return
-        if saved["algorithm"] != self.algorithm:
-            raise MisconfigurationException(
-                f"the checkpoint was trained with algorithm={saved['algorithm']!r}, this run uses "
-                f"{self.algorithm!r}; resume with the same algorithm"
+        if self.global_rank != 0:
+            warnings.warn(
+                f"lightning-dana: worker rank {self.global_rank} resumes with the optimizer state saved by rank 0 "
+                "(a checkpoint holds rank 0's; every worker's own state is not gathered, so no worker waits for another)"
             )
-        states = saved.get("worker_optimizer_states") or []
-        mine = states[self.global_rank] if self.global_rank < len(states) else None
-        if mine is not None and self._optimizer is not None:
-            self._optimizer.load_state_dict(mine)
-        elif states:
-            rank_zero_warn(
-                f"the checkpoint holds optimizer states of {len(states)} workers, not of worker rank "
-                f"{self.global_rank}; workers without one keep rank 0's"
-            )
-        if self._master is not None:
-            self._load_server_state(saved)
+        master = self._core.resumable_master(saved)
+        if self._service is not None:
+            self._service.load_state_dict(master, saved.get("dealer"))
 
-    def _load_server_state(self, saved: dict[str, Any]) -> None:
-        assert self._master is not None
-        state = saved["server"]
-        if saved["num_workers"] != self.world_size:
-            if self._master.server.rule.name in ("multi_asgd", "dana_zero"):
-                raise MisconfigurationException(
-                    f"the checkpoint was made by {saved['num_workers']} workers and algorithm={self.algorithm!r} "
-                    f"keeps state per worker; resume with devices * num_nodes = {saved['num_workers']}"
-                )
-            state = {**state, "pulled_version": [state["version"]] * self.world_size}
-        self._master.load_state_dict(state)
+    def _save_master(self, name: str, overwrite: bool) -> str | None:
+        """Rank 0 writes the master's model to ``default_root_dir/name``, with no collective."""
+        trainer = self.lightning_module.trainer
+        path = os.path.join(trainer.default_root_dir, name)
+        if not overwrite:
+            path = _free_path(path)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        tmp = f"{path}.tmp"
+        self.save_checkpoint(checkpoint, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+        return path
 
     # ------------------------------------------------------------------ faults, teardown
+    def _on_child_exit(self, local_rank: int, returncode: int) -> None:
+        """The launcher's watcher (rank 0, local runs): a worker process exited with an error."""
+        self._exits[local_rank] = returncode
+        if self._service is not None:
+            rank = self.node_rank * self.num_processes + local_rank
+            self._service.lose(rank, f"worker rank {rank} (local rank {local_rank}) exited with code {returncode}")
+
+    @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        if self._client is not None and not self._client.broken and not isinstance(exception, TrainingAborted):
-            try:  # tell the master at once, so the other workers stop too
-                self._client.send_done(failed=True, timeout=min(self.timeout_s, 10.0))
-            except Exception as error:  # noqa: BLE001 - the original exception is what the user must see
-                log.warning(f"could not tell the master that this worker failed: {error}")
-        master = self._master
-        if master is not None:
-            if _is_connection_error(exception) and isinstance(self._launcher, _WatchedSubprocessLauncher):
-                deadline = time.monotonic() + 2.0  # give the launcher's watcher a moment to name the dead worker
-                while not self._lost and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            master.abort()  # no-op when a lost worker already set the reason
-            self._save_error_checkpoint()
-        if _is_connection_error(exception):
-            _add_note(exception, self._explain_lost_peer())
-
-    def _explain_lost_peer(self) -> str:
-        lost = dict(self._master.lost) if self._master is not None else dict(self._lost)
-        who = "; ".join(lost.values()) if lost else "another process (a worker, or rank 0 with the master) is gone"
-        if self._error_checkpoint_path:
-            saved = f"rank 0 saved the master's model to {self._error_checkpoint_path}"
-        elif self._master is not None:
-            saved = "rank 0 could not save the master's model (see its log)"
-        else:
-            saved = (
-                "if rank 0 is alive it saved the master's model to "
-                f"{os.path.join(self.lightning_module.trainer.default_root_dir, self.error_checkpoint or '?')}"
-            )
-        return (
-            f"lightning-dana (rank {self.global_rank}): lost a peer: {who}. Lightning's collectives need every rank, "
-            f"so training stops on all ranks; {saved}; resume with trainer.fit(..., ckpt_path=...)"
-        )
-
-    def _save_error_checkpoint(self) -> None:
-        """Rank 0 writes the master's model, without collectives (other ranks may be gone)."""
-        if not self.error_checkpoint or self._master is None:
+        if self._client is None:
             return
-        trainer = self.lightning_module.trainer
-        path = os.path.join(trainer.default_root_dir, self.error_checkpoint)
-        self._no_collectives = True
-        try:
-            # rank 0's own optimizer state only: the others cannot be gathered without a collective
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            self.save_checkpoint(checkpoint, path)
-            self._error_checkpoint_path = path
-            log.error(f"[dana] training stopped on an error; rank 0 saved the master's model to {path}")
-            print(f"lightning-dana: saved the master's model to {path}", flush=True)
-        except Exception as error:  # noqa: BLE001 - never hide the exception that stopped training
-            log.error(f"[dana] could not save the master's model to {path}: {error}")
-        finally:
-            self._no_collectives = False
+        if self._service is None:
+            if not isinstance(exception, (TrainingAborted, MasterFailedError)):
+                try:  # tell the master at once, so it deals this worker's batches to the others
+                    self._client.fail()
+                except Exception as error:  # noqa: BLE001 - the original exception is what the user must see
+                    log.warning(f"could not tell the master that this worker failed: {error}")
+            return
+        reason = f"rank 0 (the master's process) stopped on {type(exception).__name__}: {exception}"
+        abort = self._service.faults.abort(AbortCode.MASTER_FAILED, reason)
+        if self._training and self.error_checkpoint:
+            try:
+                self._error_checkpoint_path = self._save_master(self.error_checkpoint, overwrite=False)
+                log.error(f"[dana] training stopped on an error; rank 0 saved the master's model to {self._error_checkpoint_path}")
+                print(f"lightning-dana: saved the master's model to {self._error_checkpoint_path}", flush=True)
+            except Exception as error:  # noqa: BLE001 - never hide the exception that stopped training
+                log.error(f"[dana] could not save the master's model: {error}")
+        _add_note(exception, f"lightning-dana: {abort.reason}; " + (
+            f"the master's model is in {self._error_checkpoint_path} (resume with trainer.fit(..., ckpt_path=...))"
+            if self._error_checkpoint_path else "no error checkpoint was written"
+        ))
+        self._training = False
+        self._service.join(min(self.timeout_s, 30.0))  # each worker's next message gets ABORT with the reason
 
-    @property
-    def error_checkpoint_path(self) -> str | None:
-        """Where rank 0 saved the master's model after an exception, if it did."""
-        return self._error_checkpoint_path
-
+    @override
     def teardown(self) -> None:
-        master = self._master
-        if master is not None and master.running:
-            master.abort()
-            if not master.join(min(self.timeout_s, 3.0)):
-                log.warning(
-                    "[dana] the master's serving thread is still blocked in a receive (workers "
-                    f"{sorted(master._remote_active())} have not stopped); leaving it, a daemon thread, to exit with the process"
-                )
         module = self.lightning_module
-        if module is not None and module._trainer is not None:
-            module.trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
-        path = self._error_checkpoint_path
-        refused = self.refused_pushes
+        if self._async and module is not None and module._trainer is not None:
+            self._leave_async(module.trainer)
+        if self._service is not None and not self._service.join(min(self.timeout_s, 3.0)):
+            log.warning(f"[dana] serving threads still wait for workers {self._service.faults.active()}; they end with the process")
+        if isinstance(self._launcher, WatchedSubprocessLauncher) and self._launcher.watcher is not None:
+            self._launcher.watcher.stop()
         self._reset_fit_state()
-        self._error_checkpoint_path, self.refused_pushes = path, refused
         super().teardown()
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         register_strategies(strategy_registry)
 
 
 def register_strategies(registry: Any) -> None:
-    """Register ``"dana"``, ``"dana_zero"``, ``"asgd"``, ``"nag_asgd"``, ``"multi_asgd"`` with Lightning."""
+    """Register every name of :data:`lightning_dana.ALGORITHMS` as a Lightning strategy."""
     for name in ALGORITHMS:
         registry.register(
             name,
@@ -543,27 +560,22 @@ def register_strategies(registry: Any) -> None:
         )
 
 
-def _unsync_sigterm_check(trainer: pl.Trainer) -> None:
-    """Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every training batch: a per-step
-    collective that lines every worker up with the slowest (measured: fast workers at the straggler's
-    rate). Under DANA each rank checks its own flag instead; a rank stopping on SIGTERM tells the
-    master (``on_exception``), which stops the others and saves its model."""
-    loop = trainer.fit_loop.epoch_loop
-    if not hasattr(type(loop), "_broadcast_sigterm_tensor"):
-        return
-
-    def check_local_sigterm() -> None:
-        if getattr(trainer, "received_sigterm", False):
-            raise SIGTERMException()
-
-    loop._broadcast_sigterm_tensor = check_local_sigterm  # instance attribute; removed at teardown
+def _unwrap(optimizer: Any) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
-def _is_connection_error(exception: BaseException) -> bool:
-    text = str(exception)
-    return isinstance(exception, RuntimeError) and any(
-        key in text for key in ("Connection closed by peer", "Connection reset by peer", "Read error", "Broken pipe")
-    )
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _free_path(path: str) -> str:
+    """``path``, or ``stem-1.ext``, ``stem-2.ext``, ... : the first that does not exist."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{stem}-{n}{ext}"
+    return candidate
 
 
 def _add_note(exception: BaseException, note: str) -> None:
@@ -572,68 +584,3 @@ def _add_note(exception: BaseException, note: str) -> None:
         exception.args = (f"{exception.args[0]}\n{note}", *exception.args[1:])
     else:
         exception.add_note(note)
-
-
-# --------------------------------------------------------------------------------------
-# local launches: the same subprocesses as strategy="ddp", a gentler watcher
-# --------------------------------------------------------------------------------------
-class _WatchedSubprocessLauncher(_SubprocessScriptLauncher):
-    """Lightning's subprocess launcher, with a watcher that reports a dead worker instead of killing rank 0.
-
-    Lightning's own watcher SIGKILLs every process, rank 0 included, five seconds after
-    any child fails, and the master (in rank 0) would be lost with it. This one tells
-    the strategy, which stops training on every rank and saves the master's model;
-    only if rank 0 is still alive ``grace`` seconds later does it kill everything,
-    as Lightning's would.
-    """
-
-    def __init__(
-        self,
-        cluster_environment: ClusterEnvironment,
-        num_processes: int,
-        num_nodes: int,
-        on_child_exit: Callable[[int, int], None],
-        timeout: float,
-    ) -> None:
-        super().__init__(cluster_environment, num_processes, num_nodes)
-        self._on_child_exit = on_child_exit
-        self._grace = timeout + 30.0
-
-    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            _ChildWatcher(self.procs, self._on_child_exit, self._grace).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-
-class _ChildWatcher(threading.Thread):
-    def __init__(self, procs: list[subprocess.Popen], on_exit: Callable[[int, int], None], grace: float) -> None:
-        super().__init__(daemon=True, name="dana-child-watcher")
-        self.procs = procs
-        self.on_exit = on_exit
-        self.grace = grace
-
-    def run(self) -> None:
-        reported: set[int] = set()
-        first_failure: float | None = None
-        while True:
-            time.sleep(0.5)
-            codes = [p.poll() for p in self.procs]
-            if all(code == 0 for code in codes):
-                return
-            for i, code in enumerate(codes):
-                if code and i not in reported:
-                    reported.add(i)
-                    first_failure = first_failure or time.monotonic()
-                    try:
-                        self.on_exit(i + 1, code)
-                    except Exception as error:  # noqa: BLE001
-                        log.error(f"[dana] could not report the exit of local rank {i + 1}: {error}")
-            if first_failure is not None and time.monotonic() - first_failure > self.grace:
-                log.error("[dana] rank 0 did not stop after a worker failed; terminating every process")
-                for p in self.procs:
-                    if p.poll() is None:
-                        p.kill()
-                os.kill(os.getpid(), 9)

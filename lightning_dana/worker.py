@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_dana.flat import FlatModel, optimizer_values
-from lightning_dana.rules import LR, RULES, check_algorithm
+from lightning_dana.rules import RULES, check_algorithm
 
 
 def check_optimizer(algorithm: str, optimizer: Optimizer) -> float:
@@ -51,18 +51,18 @@ def check_optimizer(algorithm: str, optimizer: Optimizer) -> float:
     return momenta.pop() if rule.uses_momentum else 0.0
 
 
-class WorkerPush:
-    """Computes one worker's push into a flat buffer, from a model holding its pulled parameters."""
+class Worker:
+    """One worker's side of every rule: computes its push from the model holding its pulled parameters."""
 
     def __init__(self, flat: FlatModel, optimizer: Optimizer, algorithm: str) -> None:
         self.flat = flat
         self.optimizer = optimizer
         self.pushes_step = RULES[check_algorithm(algorithm)].worker_pushes == "step"
-        self._lr, self._decay = flat.expander(), flat.expander()
+        self._decay = flat.expander()
 
-    def lr(self) -> LR:
-        """η in force now, per element where param groups differ."""
-        return self._lr(optimizer_values(self.optimizer, "lr"))
+    def lrs(self) -> list[float]:
+        """η in force now, one per param group (the master expands them)."""
+        return optimizer_values(self.optimizer, "lr")
 
     @torch.no_grad()
     def compute(self, pulled: Tensor, out: Tensor) -> Tensor:
@@ -91,6 +91,20 @@ class WorkerPush:
         """Make the model hold ``pulled`` (parameters and buffers)."""
         self.flat.write_params(pulled[: self.flat.numel])
         self.flat.write_buffers(pulled[self.flat.numel :])
+
+    def reset_if_non_finite(self, state: dict) -> bool:
+        """The one policy for a refused push: a step-pushing worker whose optimizer state holds NaN/Inf
+        restarts that state (it produced the bad push and would again); returns whether it did."""
+        if not self.pushes_step or _finite_state(state):
+            return False
+        state.clear()
+        return True
+
+
+def _finite_state(state: dict) -> bool:
+    return all(
+        bool(torch.isfinite(v).all()) for per_param in state.values() for v in per_param.values() if isinstance(v, Tensor)
+    )
 
 
 class StepProxy:

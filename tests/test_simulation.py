@@ -8,6 +8,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from tiny import TinyClassifier, flat_params, loader, trainer
@@ -76,12 +77,12 @@ def test_dana_and_dana_zero_train_identically():
 def test_validation_and_final_model_are_the_masters():
     class Probe(TinyClassifier):
         def validation_step(self, batch, batch_idx):
-            server = self.trainer.strategy.server
+            server = self.trainer.strategy.master_state
             assert torch.equal(flat_params(self), server.rule.eval_params())
             return super().validation_step(batch, batch_idx)
 
     t, model = fit(SimulatedWorkers(4, "dana_zero"), Probe)
-    assert torch.equal(flat_params(model), t.strategy.server.rule.eval_params())
+    assert torch.equal(flat_params(model), t.strategy.master_state.rule.eval_params())
     t.test(model, loader(shuffle=False), verbose=False)
     assert t.callback_metrics["test_acc"] > 0.7
 
@@ -128,7 +129,7 @@ def test_checkpoint_holds_the_master(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     t, model = fit(SimulatedWorkers(4, "dana_zero"), callbacks=[ckpt], enable_checkpointing=True)
     loaded = TinyClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
-    assert torch.equal(flat_params(loaded), t.strategy.server.rule.eval_params())
+    assert torch.equal(flat_params(loaded), t.strategy.master_state.rule.eval_params())
     assert torch.equal(loaded.net[1].running_var, model.net[1].running_var)
 
 
@@ -140,8 +141,8 @@ def test_refuses_non_finite_push():
 
     with pytest.warns(UserWarning, match="NaN or Inf"):
         t, model = fit(SimulatedWorkers(2, "dana"), Poisoned, epochs=1)
-    assert t.strategy.server.refused == 1
-    assert torch.isfinite(t.strategy.server.rule.theta).all()
+    assert t.strategy.master_state.refused == 1
+    assert torch.isfinite(t.strategy.master_state.rule.theta).all()
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,7 @@ def test_refuses_non_finite_push():
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(MisconfigurationException, match=re.escape(message)):
         SimulatedWorkers(**kwargs)
 
 
@@ -169,9 +170,9 @@ def test_unsupported_training_fails_at_setup():
         def configure_optimizers(self):
             return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
 
-    with pytest.raises(ValueError, match="automatic optimization"):
+    with pytest.raises(MisconfigurationException, match="automatic optimization"):
         fit(SimulatedWorkers(2), Manual)
-    with pytest.raises(ValueError, match="one optimizer"):
+    with pytest.raises(MisconfigurationException, match="one optimizer"):
         fit(SimulatedWorkers(2), TwoOptimizers)
-    with pytest.raises(ValueError, match="use algorithm='dana'"):
+    with pytest.raises(MisconfigurationException, match="use algorithm='dana'"):
         fit(SimulatedWorkers(2, "nag_asgd"), lambda: TinyClassifier("adam"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def test_every_algorithm_converges_with_three_workers(tmp_path: Path) -> None:
         r = rank0[algorithm]
         assert r["status"] == "ok"
         assert r["val_acc"] >= 0.85, (algorithm, r["val_acc"])
-        assert r["global_step"] == 24  # 384 samples / 3 workers / batch 16 = 8 steps per epoch, per worker
+        # the master dealt every sample of each of the 3 epochs exactly once, whoever trained it
+        counts = Counter(i for rank in run["ranks"] for _, batch in rank[algorithm]["trained"] for i in batch)
+        assert sorted(counts) == list(range(384)) and set(counts.values()) == {3}, algorithm
         workers = {w for w, _, _ in r["records"]}
         assert workers == {0, 1, 2}, algorithm
         assert max(lag for _, lag, _ in r["records"]) >= 1  # asynchronous: pushes land on newer parameters
@@ -33,13 +36,23 @@ def test_every_algorithm_converges_with_three_workers(tmp_path: Path) -> None:
         assert r["buffers"] == rank1[algorithm]["buffers"], algorithm
 
 
+def test_fast_workers_take_more_batches_than_a_slowed_one(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "2", "--slow", "0.05", "--slow-rank", "2", devices=3)
+    assert run["rc"] == 0, run["output"][-4000:]
+    steps = [len(rank["dana"]["trained"]) for rank in run["ranks"]]
+    assert sum(steps) == 2 * 24  # 384 samples / batch 16, two epochs
+    assert steps[1] > steps[2] and steps[0] > steps[2], steps  # nobody waits for the slowed rank 2
+    per_epoch = [Counter(i for rank in run["ranks"] for e, b in rank["dana"]["trained"] if e == epoch for i in b)
+                 for epoch in (0, 1)]
+    assert all(sorted(c) == list(range(384)) and set(c.values()) == {1} for c in per_epoch)
+
+
 def _check_boring(root: Path, result: dict) -> None:
     assert result["strategy"] == "DANAStrategy" and result["num_workers"] == 2
     checkpoint = torch.load(result["last_ckpt"], weights_only=False)
     # the module after fit and the checkpoint's state_dict are the master's model
     assert checkpoint["state_dict"]["layer.weight"].reshape(-1).tolist() == pytest.approx(result["weight"])
-    assert len(checkpoint["dana"]["worker_optimizer_states"]) == 2
-    assert checkpoint["dana"]["server"]["version"] == 2 * 2 * 16  # every push of both workers is in
+    assert checkpoint["dana"]["num_workers"] == 2 and checkpoint["dana"]["master"]["version"] > 0
 
 
 def test_boring_model_runs_unchanged_under_the_registered_name(tmp_path: Path) -> None:
@@ -48,7 +61,7 @@ def test_boring_model_runs_unchanged_under_the_registered_name(tmp_path: Path) -
     assert run["rc"] == 0, run["output"][-4000:]
     result = run["json"]
     _check_boring(tmp_path, result)
-    assert result["global_step"] == 32 and result["predictions"] == 32
+    assert result["predictions"] == 32
     header = Path(result["metrics_csv"]).read_text().splitlines()[0].split(",")
     assert {"dana/lag_mean", "dana/lag_max", "dana/pushes_per_s/worker_1", "lr-SGD"} <= set(header)
     assert "Epoch 1" in run["output"]  # the progress bar ran
@@ -65,26 +78,19 @@ def _flat(values: list[list[float]]) -> list[float]:
     return [v for p in values for v in p]
 
 
-def test_checkpoint_holds_the_master_and_resume_restores_every_worker(tmp_path: Path) -> None:
-    first = train(tmp_path / "a", "--max-steps", "8", "--checkpoint-every", "4", devices=3)
+def test_checkpoint_holds_the_master_and_resume_goes_on_from_it(tmp_path: Path) -> None:
+    first = train(tmp_path / "a", "--max-steps", "24", "--checkpoint-every", "4", devices=3)
     assert first["rc"] == 0, first["output"][-4000:]
     r0 = first["ranks"][0]["dana"]
     checkpoint = torch.load(r0["last_ckpt"], weights_only=False)
-    # state_dict is the master's model: what every rank's module holds after fit
-    saved = _flat([t.reshape(-1).tolist() for k, t in checkpoint["state_dict"].items() if "running" not in k and "num_batches" not in k])
-    assert saved == pytest.approx(_flat(r0["params"]))
     dana = checkpoint["dana"]
-    assert dana["server"]["version"] == 24  # 3 workers x 8 pushes, all applied before the snapshot
-    states = dana["worker_optimizer_states"]
-    assert len(states) == 3
-    momenta = [torch.cat([s["momentum_buffer"].reshape(-1) for s in st["state"].values()]) for st in states]
-    assert not torch.equal(momenta[0], momenta[1])  # each worker keeps its own optimizer state
-
-    second = train(tmp_path / "b", "--max-steps", "12", "--resume", r0["last_ckpt"], devices=3)
+    # max_steps counts the master's pushes, as one worker's steps; the last checkpoint came at or before the end
+    assert sum(len(rank["dana"]["trained"]) for rank in first["ranks"]) == 24
+    assert 0 < dana["master"]["version"] <= 24
+    # resume with a different number of workers: dana's master state does not depend on N
+    second = train(tmp_path / "b", "--max-steps", "30", "--resume", r0["last_ckpt"], devices=2)
     assert second["rc"] == 0, second["output"][-4000:]
-    assert second["ranks"][0]["dana"]["start"]["server_version"] == 24
-    for rank in range(3):
-        start = second["ranks"][rank]["dana"]["start"]
-        assert _flat(start["momentum"]) == pytest.approx(momenta[rank].tolist()), rank
-        assert _flat(start["params"]) == pytest.approx(saved), rank  # dana: every worker pulls the master's Θ
-    assert second["ranks"][0]["dana"]["global_step"] == 12
+    start = second["ranks"][0]["dana"]["start"]
+    assert start["server_version"] == dana["master"]["version"]
+    assert sum(len(rank["dana"]["trained"]) for rank in second["ranks"]) == 30 - dana["master"]["version"]
+    assert "resumes with the optimizer state saved by rank 0" in second["output"]

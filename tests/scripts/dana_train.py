@@ -33,18 +33,19 @@ def dataset(n: int = 384, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
     y = (x[:, 0] + 0.5 * x[:, 1] - x[:, 2] > 0).long()
-    return TensorDataset(x, y)
+    return TensorDataset(x, y, torch.arange(n))  # the index: tests count which samples each worker trained
 
 
 class Tiny(pl.LightningModule):
     """Linear -> BatchNorm -> ReLU -> Linear: BatchNorm buffers travel with the pushes."""
 
     def __init__(self, lr: float = 0.1, optimizer: str = "sgd", nan_rank: int = -1, nan_step: int = -1,
-                 kill_rank: int = -1, kill_step: int = -1, slow: float = 0.0) -> None:
+                 kill_rank: int = -1, kill_step: int = -1, slow: float = 0.0, slow_rank: int = -1) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
         self.steps = 0
+        self.trained: list[tuple[int, list[int]]] = []  # (epoch, sample indices) of every batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -55,9 +56,10 @@ class Tiny(pl.LightningModule):
         if rank == h.kill_rank and self.steps == h.kill_step:
             print(f"[test] rank {rank} killing itself at step {self.steps}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        if h.slow:
+        if h.slow and h.slow_rank in (-1, rank):
             time.sleep(h.slow)
-        x, y = batch
+        x, y, index = batch
+        self.trained.append((self.current_epoch, index.tolist()))
         loss = nn.functional.cross_entropy(self(x), y)
         if rank == h.nan_rank and self.steps == h.nan_step:
             loss = loss * float("nan")
@@ -66,7 +68,7 @@ class Tiny(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
+        x, y, _ = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
         self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True, prog_bar=True)
 
@@ -107,7 +109,8 @@ def main() -> None:
     p.add_argument("--nan-step", type=int, default=-1)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=-1)
-    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--slow", type=float, default=0.0, help="seconds each step sleeps (on --slow-rank only, if given)")
+    p.add_argument("--slow-rank", type=int, default=-1)
     p.add_argument("--start-method", default="popen")
     p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
     args = p.parse_args()
@@ -128,22 +131,23 @@ class StartState(Callback):
         self.state: dict[str, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        server = trainer.strategy.server
-        self.state["server_version"] = server.version if server is not None else None
+        service = trainer.strategy.service
+        self.state["server_version"] = service.state.version if service is not None else None
         opt = trainer.optimizers[0]
         self.state["momentum"] = [s["momentum_buffer"].reshape(-1).tolist() for s in opt.state.values()
                                   if "momentum_buffer" in s]
         self.state["params"] = [p.detach().reshape(-1).tolist() for p in pl_module.parameters()]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        master = trainer.strategy.master
-        if master is not None:
-            self.state["master_refused"] = list(master.refused)
+        service = trainer.strategy.service
+        if service is not None:
+            self.state["master_refused"] = list(service.faults.refused)
 
 
 def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     pl.seed_everything(0, workers=True)
-    model = Tiny(args.lr, args.optimizer, args.nan_rank, args.nan_step, args.kill_rank, args.kill_step, args.slow)
+    model = Tiny(args.lr, args.optimizer, args.nan_rank, args.nan_step, args.kill_rank, args.kill_step, args.slow,
+                 args.slow_rank)
     if args.strategy_name:
         strategy: Any = algorithm
     else:
@@ -168,7 +172,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         trainer.fit(model, train, val, ckpt_path=args.resume)
         result["status"] = "ok"
     except BaseException as error:  # noqa: BLE001 - the test reads what happened
-        result.update(status="error", error_type=type(error).__name__, error=str(error),
+        result.update(status="error", error_type=type(error).__name__, error=str(error), trained=model.trained,
                       seconds=time.time() - start, error_checkpoint=getattr(trainer.strategy, "error_checkpoint_path", None))
         return trainer.global_rank, result
     result["seconds"] = time.time() - start
@@ -181,6 +185,8 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     result["params"] = [p.detach().reshape(-1).tolist() for p in model.parameters()]
     result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
     result["start"] = start_state.state
+    result["trained"] = model.trained
+    result["lost_workers"] = {str(k): v for k, v in trainer.strategy.lost_workers.items()}
     if args.checkpoint_every:
         result["last_ckpt"] = os.path.join(args.root, "ckpts", "last.ckpt")
     return trainer.global_rank, result

@@ -1,0 +1,96 @@
+"""Every place lightning-dana reaches into Lightning, torch or torchmetrics internals, in one module.
+
+Each function says which internal it touches and why no public hook does the job,
+so a Lightning upgrade has one file to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning.core.optimizer as pl_optimizer
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from torch import nn
+from torch.utils.data import DataLoader
+
+import pytorch_lightning as pl
+
+ONE_OPTIMIZER = (
+    "{who} trains with exactly one optimizer (each optimizer step is one push), configure_optimizers returned "
+    "{count}; put all parameters in one optimizer (its param groups may differ)"
+)
+
+
+@contextlib.contextmanager
+def one_optimizer(who: str) -> Iterator[None]:
+    """Lightning refuses several optimizers under automatic optimization and suggests manual
+    optimization, which DANA cannot do; say what works instead. Patches
+    ``pytorch_lightning.core.optimizer._validate_multiple_optimizers_support`` while optimizers are set up."""
+    original = pl_optimizer._validate_multiple_optimizers_support
+
+    def validate(optimizers: list, model: pl.LightningModule) -> None:
+        if len(optimizers) > 1:
+            raise MisconfigurationException(ONE_OPTIMIZER.format(who=who, count=len(optimizers)))
+        original(optimizers, model)
+
+    pl_optimizer._validate_multiple_optimizers_support = validate
+    try:
+        yield
+    finally:
+        pl_optimizer._validate_multiple_optimizers_support = original
+
+
+def local_sigterm_check(trainer: pl.Trainer) -> None:
+    """Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every training batch
+    (``_TrainingEpochLoop._broadcast_sigterm_tensor``): a per-step collective that lines every
+    worker up with the slowest. Each rank checks its own flag instead; :func:`restore_sigterm_check` undoes it."""
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+        return
+
+    def check_local_sigterm() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    loop._broadcast_sigterm_tensor = check_local_sigterm  # instance attribute
+
+
+def restore_sigterm_check(trainer: pl.Trainer) -> None:
+    trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+
+
+def set_metric_sync(module: nn.Module, enabled: bool) -> None:
+    """torchmetrics syncs a metric's state across all ranks of the default group in ``compute()``
+    (``Metric.sync_on_compute``, ``dist_sync_on_step``); during asynchronous fit only some ranks compute
+    (validation runs on rank 0 alone), so the sync would wait forever. Each metric computes on its own rank's
+    state while ``enabled`` is False; the user's settings come back with ``enabled=True``."""
+    from torchmetrics import Metric
+
+    for metric in module.modules():
+        if not isinstance(metric, Metric):
+            continue
+        if not enabled:
+            metric.__dict__.setdefault("_dana_sync", (metric.sync_on_compute, metric.dist_sync_on_step))
+            metric.sync_on_compute = metric.dist_sync_on_step = False
+            metric._to_sync = False
+        elif "_dana_sync" in metric.__dict__:
+            metric.sync_on_compute, metric.dist_sync_on_step = metric.__dict__.pop("_dana_sync")
+            metric._to_sync = metric.sync_on_compute
+
+
+def with_batch_sampler(dataloader: DataLoader, batch_sampler: Any) -> DataLoader:
+    """A copy of ``dataloader`` that takes its batches of indices from ``batch_sampler``, keeping
+    everything else (workers, prefetching, collate, pinning, the user's DataLoader subclass).
+    ``DataLoader`` forbids setting ``batch_sampler`` after construction and Lightning's
+    ``_update_dataloader`` re-creates custom batch samplers from their init arguments, so the copy's
+    attribute is set directly; ``len()`` and iteration read it through ``DataLoader._index_sampler``."""
+    loader = copy.copy(dataloader)
+    object.__setattr__(loader, "batch_sampler", batch_sampler)
+    object.__setattr__(loader, "batch_size", None)
+    object.__setattr__(loader, "drop_last", False)
+    object.__setattr__(loader, "_iterator", None)
+    return loader
+
