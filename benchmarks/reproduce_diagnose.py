@@ -212,7 +212,7 @@ def report(out: Path, momentum: float = 0.9) -> None:
         brs = "none" if br is None else f"{br} ({br / per_epoch:.2f})"
         lrs = {s["step"]: s["lr"] for s in steps}
         sharp = max((lrs.get(s["step"], r["lr"]) * s["lambda_max"] for s in r["sharpness"]), default=math.nan)
-        key = "dana" if alg == "baseline" else alg
+        key = alg if alg in ("asgd", "nag_asgd") else "dana"
         edge = stability_edge(key, n - 1, 0.0 if alg == "asgd" else momentum)
         lmin = min(s["loss"] for s in steps[: (br or len(steps))])
         lines.append(f"| {n} | {alg} | {r['test_error']:.2f} | {brs} | {lmin:.3f} | {sharp:.3f} | {edge:.4f} |")

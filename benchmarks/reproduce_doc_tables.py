@@ -14,6 +14,8 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BLOCK = re.compile(r"(<!-- tables: (\S+) -->\n).*?(<!-- /tables -->)", re.S)
+#: ``<!-- file: results/X/best.md -->`` ... ``<!-- /file -->``: the file pasted verbatim (best.md, diagnosis.md)
+FILE = re.compile(r"(<!-- file: (\S+) -->\n).*?(<!-- /file -->)", re.S)
 
 
 def summary_tables(table_md: Path) -> str:
@@ -30,7 +32,12 @@ def summary_tables(table_md: Path) -> str:
 
 def refresh(doc: Path = DOCS / "results.md") -> None:
     text = BLOCK.sub(lambda m: m.group(1) + summary_tables(DOCS / m.group(2)) + m.group(3), doc.read_text())
+    text = FILE.sub(lambda m: m.group(1) + verbatim(DOCS / m.group(2)) + m.group(3), text)
     doc.write_text(text)
+
+
+def verbatim(path: Path) -> str:
+    return path.read_text().rstrip("\n") + "\n" if path.exists() else "(not run yet)\n"
 
 
 if __name__ == "__main__":
