@@ -38,7 +38,7 @@ BAD_ARGUMENTS = [
     (["--slowdown", "0.5"], "--slowdown 0.5 must be >= 1", "1: no slowed worker"),
     (["--slowdown", "nan"], "--slowdown nan must be >= 1", None),
     (["--num-samples", "300"], "--num-samples 300 leaves 270 training samples", "--num-samples 427 or more"),
-    (["--algorithm", "sgd"], "argument --algorithm: invalid choice", None),
+    (["--algorithm", "sgd"], "--algorithm sgd is not a rule of lightning_dana", "choose one of"),
 ]
 
 

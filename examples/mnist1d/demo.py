@@ -1,6 +1,6 @@
 """Same recipe, one worker vs N workers: test accuracy and training time side by side.
 
-    python -m examples.mnist1d.demo                      # baseline, then 3 processes: dana and DDP, one worker 2x slower
+    python -m examples.mnist1d.demo                      # baseline, then 3 processes, one 2x slower: DDP, then dana
     python -m examples.mnist1d.demo --slowdown 1         # no slowed worker
     python -m examples.mnist1d.demo --mode simulated --workers 8 --epochs 20
 
@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 # Heavy imports (torch, Lightning) happen after the arguments are checked, so a bad
-# command line fails at once.
+# command line fails at once. Other rules of lightning_dana.ALGORITHMS are checked
+# against the package (an import of a few seconds, still before anything trains).
 ALGORITHMS = ("dana", "dana_zero", "multi_asgd", "nag_asgd", "asgd")
 SCHEDULES = ("round_robin", "block_random", "gamma")
 # Per mode: real mode trains three runs on several processes, so it is kept to ~2 minutes on 2 cores.
@@ -65,11 +66,6 @@ def is_launched_child() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
-def print0(*args: Any) -> None:
-    if not is_launched_child():
-        print(*args, flush=True)
-
-
 # Arguments ------------------------------------------------------------------------------
 
 
@@ -86,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=None, help="N (default: 3 real, 8 simulated; real needs >= 2)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: 10 real, 20 simulated)")
-    parser.add_argument("--algorithm", default="dana", choices=ALGORITHMS, help="the asynchronous rule (default: dana)")
+    parser.add_argument("--algorithm", default="dana",
+                        help=f"the asynchronous rule: {', '.join(ALGORITHMS)}, or another of lightning_dana.ALGORITHMS "
+                        "(default: dana)")
     parser.add_argument("--schedule", default=None, choices=SCHEDULES,
                         help=f"simulated mode only: which worker pushes when (default: {DEFAULTS['schedule']})")
     parser.add_argument("--slowdown", type=float, default=None, metavar="FACTOR",
@@ -160,12 +158,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "data cache")
     if not writable:
         refuse(f"--data-dir {args.data_dir}", "is not writable; name a writable folder for the data cache")
+    if args.algorithm not in ALGORITHMS:
+        known = known_algorithms()
+        if args.algorithm not in known:
+            refuse(f"--algorithm {args.algorithm}", f"is not a rule of lightning_dana; choose one of {', '.join(known)}")
     if importlib.util.find_spec("mnist1d") is None:
         parser.error("the mnist1d package is missing: pip install -e '.[examples]' (bash scripts/demo installs it)")
     if args.progress_bar == "auto":
         args.progress_bar = "on" if sys.stdout.isatty() else "off"
     args.progress_bar = args.progress_bar == "on"
     return args
+
+
+def known_algorithms() -> tuple[str, ...]:
+    """Every rule lightning_dana offers (imports it, with torch and Lightning)."""
+    import lightning_dana
+
+    return tuple(getattr(lightning_dana, "ALGORITHMS", ALGORITHMS))
 
 
 # Runs -----------------------------------------------------------------------------------
