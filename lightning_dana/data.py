@@ -42,7 +42,9 @@ class DealtBatchSampler:
             yield list(deal.indices)
 
 
-def make_dealer(dataloader: DataLoader, seed: int, limit_batches: int | float, max_batches: int | None) -> BatchDealer:
+def make_dealer(
+    dataloader: DataLoader, seed: int, limit_batches: int | float, max_batches: int | None, max_epochs: int | None = None
+) -> BatchDealer:
     """The master's dealer for ``dataloader``: its dataset size, batch size, drop_last and order.
 
     A ``RandomSampler`` becomes a seeded permutation per epoch (deterministic for a seed), a
@@ -67,4 +69,4 @@ def make_dealer(dataloader: DataLoader, seed: int, limit_batches: int | float, m
         per_epoch = full if limit_batches >= 1.0 else max(int(full * limit_batches), 1)
     else:
         per_epoch = min(full, int(limit_batches))
-    return BatchDealer(order, num_samples, batch_size, bool(dataloader.drop_last), per_epoch, max_batches)
+    return BatchDealer(order, num_samples, batch_size, bool(dataloader.drop_last), per_epoch, max_batches, max_epochs)

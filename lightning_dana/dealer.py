@@ -33,6 +33,7 @@ EpochOrder = Callable[[int], Sequence[int]]
 class DealKind(Enum):
     BATCH = "batch"
     EPOCH_END = "epoch_end"
+    WAIT = "wait"  # the run's last batches are with other workers: ask again when one of them pushes
     STOP = "stop"
 
 
@@ -67,6 +68,8 @@ class BatchDealer:
         batches_per_epoch: at most this many batches per epoch (``limit_train_batches``).
         max_batches: stop dealing after this many batches in all (``max_steps`` times the
             accumulation); ``None``: no limit.
+        max_epochs: the run's epochs (``None``: no limit), so the last epoch ends only when all its
+            batches are trained.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class BatchDealer:
         drop_last: bool = False,
         batches_per_epoch: int | None = None,
         max_batches: int | None = None,
+        max_epochs: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,6 +91,7 @@ class BatchDealer:
         full = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
         self.batches_per_epoch = full if batches_per_epoch is None else min(full, batches_per_epoch)
         self.max_batches = max_batches
+        self.max_epochs = max_epochs
         self.epoch = 0  # the epoch being dealt
         self.cursor = 0  # next batch of that epoch
         self.dealt = 0  # batches dealt in all, returned ones counted once
@@ -97,8 +102,13 @@ class BatchDealer:
         self._orders: dict[int, Sequence[int]] = {}
 
     # ------------------------------------------------------------------ dealing
-    def deal(self, worker: int, worker_epoch: int) -> Deal:
-        """The next batch for ``worker``, which is in its epoch ``worker_epoch``."""
+    def deal(self, worker: int, worker_epoch: int, waiting: frozenset[int] = frozenset()) -> Deal:
+        """The next batch for ``worker``, which is in its epoch ``worker_epoch``.
+
+        At the end of the run (the last epoch or ``max_batches`` fully dealt) the answer is ``WAIT``
+        while another worker still trains batches of it (one of those may die and give them back);
+        ``waiting``: workers blocked in this same call, whose outstanding batches are only prefetched.
+        """
         if self.stopped:
             return Deal(DealKind.STOP, self.epoch)
         if self.returned:  # a lost worker's batches first, whatever epoch they belong to
@@ -106,9 +116,11 @@ class BatchDealer:
         if worker_epoch < self.epoch:
             return Deal(DealKind.EPOCH_END, worker_epoch)
         if self.max_batches is not None and self.dealt >= self.max_batches:
-            self.stopped = True
-            return Deal(DealKind.STOP, self.epoch)
+            return Deal(DealKind.WAIT, self.epoch) if self._others_busy(worker, waiting) else Deal(DealKind.STOP, self.epoch)
         if self.cursor >= self.batches_per_epoch:  # this epoch is fully dealt: the next one starts
+            last = self.max_epochs is not None and self.epoch + 1 >= self.max_epochs
+            if last and self._others_busy(worker, waiting):
+                return Deal(DealKind.WAIT, self.epoch)
             ended = self.epoch
             self.epoch, self.cursor = self.epoch + 1, 0
             self._orders = {e: o for e, o in self._orders.items() if e >= ended}
@@ -116,6 +128,9 @@ class BatchDealer:
         self.cursor += 1
         self.dealt += 1
         return self._give(worker, self.epoch, self.cursor - 1)
+
+    def _others_busy(self, worker: int, waiting: frozenset[int]) -> bool:
+        return any(queue for w, queue in self.outstanding.items() if w != worker and w not in waiting)
 
     def _give(self, worker: int, epoch: int, batch: int) -> Deal:
         self.outstanding.setdefault(worker, deque()).append((epoch, batch))

@@ -85,7 +85,8 @@ class MasterService:
         self.num_groups = num_groups
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()  # notified at every push, loss and deal: waiting deals look again
+        self._waiting: set[int] = set()  # workers whose DEAL waits for the run's last batches
         self.records: deque[PushRecord] = deque(maxlen=MAX_RECORDS)
         self.dealer: BatchDealer | None = None
         self._ready = threading.Event()
@@ -146,6 +147,7 @@ class MasterService:
                 return
             returned = self.dealer.lose(rank) if self.dealer is not None else 0
             (self.faults.break_ if broken else self.faults.lose)(rank, reason)
+            self.lock.notify_all()
         if returned:
             log.warning(f"[dana master] {returned} batches dealt to worker rank {rank} go back into the epoch")
 
@@ -220,6 +222,7 @@ class MasterService:
             assert payload is not None
             if self.dealer is not None:
                 self.dealer.trained_batches(rank, header.batches)
+            self.lock.notify_all()  # batches were trained: a worker waiting for the run's last ones looks again
             try:
                 self.records.append(self.state.serve(rank, payload, header.lrs, out))
             except RefusedPushError as refused:
@@ -248,10 +251,20 @@ class MasterService:
 
     def _deal(self, rank: int, epoch: int) -> Reply:
         self._wait_ready()
+        deadline = time.monotonic() + self.idle_timeout
         with self.lock:
             if self.dealer is None:
                 raise ProtocolError(f"rank {rank} asked for a batch, but rank 0's training data is not dealt", ErrorCode.UNEXPECTED)
-            deal = self.dealer.deal(rank, epoch)
+            self._waiting.add(rank)
+            self.lock.notify_all()  # another waiter may now see every busy worker waiting
+            try:
+                while (deal := self.dealer.deal(rank, epoch, frozenset(self._waiting))).kind is DealKind.WAIT:
+                    if self.faults.aborted is not None:
+                        return self._abort_reply(rank)
+                    if not self.lock.wait(max(deadline - time.monotonic(), 0.0)) and time.monotonic() >= deadline:
+                        raise TransportError(f"the run's last batches were not trained within idle_timeout={self.idle_timeout:.0f}s")
+            finally:
+                self._waiting.discard(rank)
         if deal.kind is DealKind.BATCH:
             indices = torch.tensor(deal.indices, dtype=torch.int64)
             return Reply(Header.for_payload(Msg.BATCH, rank, indices, epoch=deal.epoch), indices)
@@ -265,6 +278,7 @@ class MasterService:
                 self.dealer.trained_batches(rank, header.batches)
                 if header.code == 0:
                     self.dealer.release(rank)
+                self.lock.notify_all()
         if header.code:
             self.lose(rank, f"worker rank {rank} reported a failure and stopped")
             return Reply(Header(Msg.DONE, rank))  # nothing is sent back to a failed worker

@@ -312,7 +312,8 @@ class DANAStrategy(DDPStrategy):
             accumulate = trainer.accumulate_grad_batches
             max_batches = trainer.max_steps * accumulate if trainer.max_steps >= 0 else None
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            self._service.set_dealer(make_dealer(dataloader, seed, self._limit_train_batches, max_batches))
+            max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+            self._service.set_dealer(make_dealer(dataloader, seed, self._limit_train_batches, max_batches, max_epochs))
         return compat.with_batch_sampler(dataloader, DealtBatchSampler(self._client, lambda: trainer.current_epoch))
 
     # --------------------------------------------------------------- training steps

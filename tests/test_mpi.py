@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -31,3 +32,7 @@ def test_mpiexec_trains_with_the_mpi_transport(tmp_path: Path) -> None:
         assert r["status"] == "ok" and r["val_acc"] >= 0.85, (algorithm, r)
         assert {w for w, _, _ in r["records"]} == {0, 1, 2}
         assert r["params"] == rank2[algorithm]["params"]
+        # the master dealt every sample of each of the 3 epochs once, over MPI too
+        ranks = [rank0, json.loads(Path(f"{out}.rank1").read_text()), rank2]
+        counts = Counter(i for rank in ranks for _, batch in rank[algorithm]["trained"] for i in batch)
+        assert sorted(counts) == list(range(384)) and set(counts.values()) == {3}

@@ -7,6 +7,7 @@ the real ranks use; the master is a MasterService with a thread per remote worke
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -24,12 +25,12 @@ N_PARAMS = 6
 TIMEOUT = 30.0  # wide: these tests assert behaviour, never timing
 
 
-def make_master(workers: int, algorithm: str = "asgd", samples: int = 40, batch: int = 4, hub=None, **kwargs):
+def make_master(workers: int, algorithm: str = "asgd", samples: int = 40, batch: int = 4, hub=None, epochs=None, **kwargs):
     hub = hub or InProcessHub()
     state = MasterState(make_rule(algorithm, torch.zeros(N_PARAMS), workers), [N_PARAMS], torch.zeros(0))
     faults = FaultRecord(workers, kwargs.pop("max_refused", 5))
     service = MasterService(state, faults, hub.endpoint(0), 1, TIMEOUT, kwargs.pop("idle", TIMEOUT))
-    service.set_dealer(BatchDealer(sequential_order(samples), samples, batch))
+    service.set_dealer(BatchDealer(sequential_order(samples), samples, batch, max_epochs=epochs))
     service.start()
     return hub, service
 
@@ -91,6 +92,27 @@ def test_a_lost_worker_gives_its_batches_back():
     assert set(taken[0]) | set(taken[1]) <= set(seen)
     assert service.faults.state(1) is WorkerState.LOST
     assert "worker rank 1 is lost" in service.faults.gone()[1]
+
+
+def test_the_last_epoch_waits_for_a_worker_that_may_die_with_its_batches():
+    """With the last epoch fully dealt, rank 0 waits while rank 1 holds batches; rank 1 dies and rank 0
+    trains them: the run ends with every sample trained, not with a hole."""
+    hub, service = make_master(2, epochs=1)
+    doomed = client(hub, 1)
+    doomed.pull(torch.empty(N_PARAMS))
+    taken = [doomed.deal(0).indices for _ in range(2)]
+    trained: list = []
+    rank0 = threading.Thread(target=run_worker, args=(LocalClient(service), 1, trained))
+    rank0.start()
+    deadline = time.monotonic() + TIMEOUT
+    while 0 not in service._waiting and time.monotonic() < deadline:  # rank 0 has taken the rest and waits
+        time.sleep(0.01)
+    assert 0 in service._waiting
+    hub.close(1)
+    rank0.join(TIMEOUT)
+    seen = sorted(i for _, e, idx in trained if e == 0 for i in idx)
+    assert seen == list(range(40)) and set(taken[0]) <= set(seen)
+    assert service.state.version == 10
 
 
 def test_malformed_messages_get_an_error_and_the_others_are_served():

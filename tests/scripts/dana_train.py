@@ -29,6 +29,9 @@ import lightning_dana  # noqa: E402,F401  (registers the strategy names)
 from lightning_dana import DANAStrategy  # noqa: E402
 
 
+TRACE = os.environ.get("DANA_TEST_TRACE")  # a path prefix: every rank appends the batches it pushed
+
+
 def dataset(n: int = 384, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
@@ -67,6 +70,12 @@ class Tiny(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the push: append the batch's indices to this rank's trace, which survives a SIGKILL."""
+        if TRACE:
+            with open(f"{TRACE}.{self.global_rank}", "a") as f:
+                f.write(json.dumps(batch[2].tolist()) + "\n")
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y, _ = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
@@ -94,6 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--algorithm", default="dana")
     p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--transport", default="auto")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=-1)
@@ -160,7 +170,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
                                          save_top_k=-1, save_last=True))
         callbacks.append(EarlyStopping(monitor="val_loss", patience=100))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
         default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks,
     )
