@@ -69,10 +69,10 @@ class DANAStrategy(DDPStrategy):
         transport: how pushes travel: ``"gloo"`` (CPU tensors), ``"nccl"`` (CUDA tensors, headers on
             gloo), ``"mpi"`` (mpi4py, under ``mpiexec``) or ``"auto"`` (mpi under Lightning's
             MPIEnvironment on CPU, nccl on GPU, else gloo).
-        timeout: seconds one request and its reply may take (a push, a pull, a batch); also the
-            process-group timeout of set-up.
-        idle_timeout: seconds a worker may stay silent before the master declares it lost, and a
-            finished worker waits for the others' last steps. Default: ``max(6 * timeout, 1800)``.
+        timeout: seconds one request and its reply may take (a push, a pull, a batch).
+        idle_timeout: seconds a worker may stay silent before the master declares it lost, a finished
+            worker waits for the others' last steps, and set-up waits for every process (the
+            process-group timeout). Default: ``max(6 * timeout, 1800)``.
         gap_every: the master measures the gap G of one push in every ``gap_every`` (0: never).
         checkpoint_every: rank 0 writes the master's model to ``dana-master-latest.ckpt`` in the
             Trainer's ``default_root_dir`` each time this many more pushes were applied (0: never).
@@ -123,7 +123,8 @@ class DANAStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timedelta(seconds=timeout),
+            # set-up waits for every process to start: give it the patience of idle_timeout, not of one request
+            timeout=timedelta(seconds=float(idle_timeout) if idle_timeout is not None else max(6 * float(timeout), 1800.0)),
             start_method=start_method,
         )
         self.algorithm = algorithm
@@ -242,7 +243,7 @@ class DANAStrategy(DDPStrategy):
         rank, master = self.global_rank, self.global_rank == 0
         core = DanaCore(self.lightning_module, optimizer, self.algorithm, self.world_size, master, self.gap_every)
         transport_name = resolve_transport(self.transport, self.root_device, self.cluster_environment)
-        transport = make_transport(self.transport, self.root_device, self.timeout_s, self.cluster_environment)
+        transport = make_transport(self.transport, self.root_device, self.idle_timeout_s, self.cluster_environment)
         self._core, self._pulled, self._push_buf = core, core.empty(), core.empty()
         groups = len(optimizer.param_groups)
         if master:

@@ -238,7 +238,8 @@ class InProcessHub:
 
 
 def make_transport(kind: str, device: torch.device, timeout: float, cluster_environment: Any = None) -> Transport:
-    """Create every worker's channel; a collective: every rank calls it, in the same order."""
+    """Create every worker's channel; a collective: every rank calls it, in the same order. ``timeout``:
+    the groups' own (set-up) timeout; every wait on a channel passes its own."""
     kind = resolve_transport(kind, device, cluster_environment)
     pg_timeout = timedelta(seconds=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -61,3 +61,12 @@ def test_nan_push_is_refused_and_training_goes_on(tmp_path: Path) -> None:
     assert r0["master_refused"] == [0, 1]
     assert all(math.isfinite(v) for p in r0["params"] for v in p)
     assert "refused" in result["output"]  # the warning
+
+
+def test_a_slow_worker_finishing_is_not_a_failure(tmp_path: Path) -> None:
+    """A worker at 1 s per step with timeout=5: the end of the run waits for it, and nobody fails."""
+    result = train(tmp_path, "--epochs", "1", "--slow", "1.0", "--slow-rank", "1", "--timeout", "5", devices=2, timeout=300)
+    assert result["rc"] == 0, result["output"][-4000:]
+    r0, r1 = result["ranks"][0]["dana"], result["ranks"][1]["dana"]
+    assert r0["status"] == "ok" and r1["status"] == "ok", (r0.get("error"), r1.get("error"))
+    assert len(r1["trained"]) >= 1 and r0["params"] == r1["params"]

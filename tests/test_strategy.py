@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -94,3 +95,28 @@ def test_checkpoint_holds_the_master_and_resume_goes_on_from_it(tmp_path: Path) 
     assert start["server_version"] == dana["master"]["version"]
     assert sum(len(rank["dana"]["trained"]) for rank in second["ranks"]) == 30 - dana["master"]["version"]
     assert "resumes with the optimizer state saved by rank 0" in second["output"]
+
+
+def test_early_stopping_on_rank_0_stops_every_worker(tmp_path: Path) -> None:
+    """EarlyStopping decides on rank 0, at its epoch end; the others hear it in the master's replies."""
+    run = train(tmp_path, "--epochs", "50", "--stop-at-acc", "0.6", "--slow", "0.01", devices=3, timeout=300)
+    assert run["rc"] == 0, run["output"][-4000:]
+    ranks = [r["dana"] for r in run["ranks"]]
+    assert all(r["status"] == "ok" for r in ranks)
+    assert ranks[0]["val_acc"] >= 0.6 and ranks[0]["current_epoch"] < 49
+    assert sum(len(r["trained"]) for r in ranks) < 50 * 24  # the run stopped early, on every rank
+    assert ranks[0]["params"] == ranks[1]["params"] == ranks[2]["params"]
+
+
+def test_validation_on_rank_0_does_not_hold_the_other_workers(tmp_path: Path) -> None:
+    """Rank 0 validates for seconds at each epoch end; meanwhile the master applies the others' pushes."""
+    os.environ["DANA_TEST_VAL_SLEEP"] = "1.0"  # per validation batch (two batches): read by the script's ranks
+    try:
+        run = train(tmp_path, "--epochs", "3", "--slow", "0.02", devices=3, timeout=300)
+    finally:
+        del os.environ["DANA_TEST_VAL_SLEEP"]
+    assert run["rc"] == 0, run["output"][-4000:]
+    r0 = run["ranks"][0]["dana"]
+    first = r0["validations"][0]
+    during = [w for w, t in r0["record_times"] if first[0] < t < first[1]]
+    assert during and set(during) <= {1, 2}, (first, r0["record_times"][:50])

@@ -29,6 +29,7 @@ import lightning_dana  # noqa: E402,F401  (registers the strategy names)
 from lightning_dana import DANAStrategy  # noqa: E402
 
 
+VAL_SLEEP = float(os.environ.get("DANA_TEST_VAL_SLEEP", 0))
 TRACE = os.environ.get("DANA_TEST_TRACE")  # a path prefix: every rank appends the batches it pushed
 
 
@@ -77,6 +78,8 @@ class Tiny(pl.LightningModule):
                 f.write(json.dumps(batch[2].tolist()) + "\n")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if VAL_SLEEP and not self.trainer.sanity_checking:
+            time.sleep(VAL_SLEEP)  # a long validation on rank 0: the other workers must not wait for it
         x, y, _ = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
         self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True, prog_bar=True)
@@ -94,9 +97,19 @@ class Report(Callback):
 
     def __init__(self) -> None:
         self.records: list[Any] = []
+        self.validations: list[list[float]] = []  # [start, end] of each validation (time.monotonic)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.records.extend(trainer.strategy.drain_push_records())
+
+    def on_validation_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validations.append([time.monotonic()])
+
+    def on_validation_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validations[-1].append(time.monotonic())
+            self.records.extend(trainer.strategy.drain_push_records())
 
 
 def main() -> None:
@@ -121,6 +134,7 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0, help="seconds each step sleeps (on --slow-rank only, if given)")
     p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
     p.add_argument("--start-method", default="popen")
     p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
     args = p.parse_args()
@@ -169,6 +183,8 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.root, "ckpts"), every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1, save_last=True))
         callbacks.append(EarlyStopping(monitor="val_loss", patience=100))
+    if args.stop_at_acc:
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", stopping_threshold=args.stop_at_acc, patience=100))
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
         default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
@@ -192,6 +208,9 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     result["refused"] = trainer.strategy.refused_pushes
     result["master_refused"] = trainer.strategy.master_refused
     result["records"] = [(r.worker, r.lag, r.gap) for r in report.records]
+    result["record_times"] = [(r.worker, r.time) for r in report.records]
+    result["validations"] = report.validations
+    result["current_epoch"] = trainer.current_epoch
     result["params"] = [p.detach().reshape(-1).tolist() for p in model.parameters()]
     result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
     result["start"] = start_state.state
