@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,14 +76,3 @@ class ChildWatcher(threading.Thread):
                         log.error(f"[dana] could not report the exit of local rank {i + 1}: {error}")
             if all(code is not None for code in codes):
                 return
-
-
-def wait_for_children(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    """Rank 0 after fit: give the children ``timeout`` seconds to exit; their return codes (None: still running)."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            pass
-    return [p.poll() for p in procs]
