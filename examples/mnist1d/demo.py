@@ -275,7 +275,8 @@ def run_simulated(args: argparse.Namespace) -> Result:
     strategy = lightning_dana.SimulatedWorkers(
         num_workers=args.workers, algorithm=args.algorithm, schedule=args.schedule, seed=args.seed
     )
-    name = f"{args.algorithm}, {args.workers} simulated workers ({args.schedule})"
+    workers = "1 simulated worker" if args.workers == 1 else f"{args.workers} simulated workers"
+    name = f"{args.algorithm}, {workers} ({args.schedule})"
     return fit_and_test(name, args.workers, args, args.algorithm, devices=1, strategy=strategy,
                         callbacks=async_callbacks())
 
