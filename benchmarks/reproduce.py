@@ -129,7 +129,7 @@ class Preset:
 # the lr of the second recipe and of the second task: the --lr-sweep's pick at N = 1 (best mean validation
 # error; the rule was written before any N > 1 run of either): see docs/results.md
 LONG_LR = 0.4
-TEACHER_LR = 0.4
+TEACHER_LR = 0.1
 
 PRESETS = {
     "full": Preset(
