@@ -38,7 +38,6 @@ BAD_ARGUMENTS = [
     (["--slowdown", "0.5"], "--slowdown 0.5 must be >= 1", "1: no slowed worker"),
     (["--slowdown", "nan"], "--slowdown nan must be >= 1", None),
     (["--num-samples", "300"], "--num-samples 300 leaves 270 training samples", "--num-samples 427 or more"),
-    (["--algorithm", "sgd"], "--algorithm sgd is not a rule of lightning_dana", "choose one of"),
 ]
 
 
@@ -54,6 +53,18 @@ def test_demo_refuses_bad_arguments_before_training(argv, message, way_out, tmp_
     # Failed before training anything: no Trainer was built, no data was generated, torch was never needed.
     assert "GPU available" not in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.rglob("*.npz"))
+
+
+def test_demo_checks_other_algorithms_against_the_package(tmp_path, capsys):
+    """Names beyond the usual five are checked against lightning_dana.ALGORITHMS (in-process: already imported)."""
+    import lightning_dana
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--algorithm", "sgd", "--data-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--algorithm sgd is not a rule of lightning_dana; choose one of" in capsys.readouterr().err
+    for name in lightning_dana.ALGORITHMS:
+        assert parse_args(["--algorithm", name, "--data-dir", str(tmp_path)]).algorithm == name
 
 
 def test_demo_refuses_an_unusable_data_dir(tmp_path):
