@@ -54,6 +54,10 @@ class MasterClient:
         """This worker's parameters (and the master's buffers) into ``out``."""
         self._expect(self._request(Header(Msg.PULL, self.rank), None, out), (Msg.REPLY,))
 
+    def evaluate(self, out: Tensor) -> None:
+        """The master's model as it is now (parameters and buffers) into ``out``."""
+        self._expect(self._request(Header(Msg.EVAL, self.rank), None, out), (Msg.REPLY,))
+
     def push(self, payload: Tensor, lrs: list[float], batches: int, out: Tensor) -> Msg:
         """Send a push covering ``batches`` batches; ``out`` receives the next pull. Returns REPLY or REFUSED."""
         header = Header.for_payload(Msg.PUSH, self.rank, payload, batches=batches, lrs=list(lrs))

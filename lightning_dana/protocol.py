@@ -44,6 +44,7 @@ class Msg(IntEnum):
     PULL = 2  # this worker's parameters (start of training); reply: REPLY with them
     DEAL = 3  # the next batch of the worker's epoch ``epoch``; reply: BATCH, EPOCH_END or STOP
     DONE = 4  # this worker stopped (code 0: finished, 1: failed); reply: FINAL (finished) or nothing
+    EVAL = 5  # the master's model as it is now (for epoch-end callbacks such as SWA); reply: REPLY with it
     # master -> worker
     REPLY = 10  # the push was applied; the worker's next parameters follow
     REFUSED = 11  # the push was refused (``code`` says why); the current parameters follow

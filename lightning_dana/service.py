@@ -197,7 +197,7 @@ class MasterService:
         if header.type == Msg.PUSH:
             header.expect_payload(self._like)
             header.expect_lrs(self.num_groups)
-        elif header.type not in (Msg.PULL, Msg.DEAL, Msg.DONE):
+        elif header.type not in (Msg.PULL, Msg.DEAL, Msg.DONE, Msg.EVAL):
             raise ProtocolError(f"rank {rank} sent message type {header.type!r} to the master", ErrorCode.UNEXPECTED)
         self._seq[rank] = header.seq
 
@@ -218,6 +218,9 @@ class MasterService:
                 return self._abort_reply(rank)
             if header.type == Msg.PULL:
                 self.state.pull(rank, out)
+                return self._params(Msg.REPLY, rank, out)
+            if header.type == Msg.EVAL:
+                out.copy_(self.state.eval_payload())
                 return self._params(Msg.REPLY, rank, out)
             assert payload is not None
             if self.dealer is not None:

@@ -384,12 +384,14 @@ class DANAStrategy(DDPStrategy):
     # ------------------------------------------------ the master's model outside steps
     def show_master(self) -> None:
         """At each epoch end, before the other callbacks: a worker told that the run is over stops (an epoch
-        can end without a step that heard it); on rank 0 the module holds the master's model (for SWA)."""
-        if self._client is not None and self._client.stop:
-            self.lightning_module.trainer.should_stop = True
-        if self._service is None or self._core is None:
+        can end without a step that heard it), and the module holds the master's model (for SWA)."""
+        if self._client is None or self._core is None or not self._training:
             return
-        self._core.load(self._service.eval_payload(self._core.empty()))
+        if self._client.stop:
+            self.lightning_module.trainer.should_stop = True
+        buf = self._core.empty()
+        self._client.evaluate(buf)
+        self._core.load(buf)
         self._shows_master = True
 
     def finish_fit(self) -> None:

@@ -234,3 +234,14 @@ def test_dealer_order_is_deterministic_and_resumes():
     assert resumed.deal(1, 0).indices == first[1].indices
     assert resumed.deal(1, 0).indices == dealer.deal(0, 0).indices
     assert [len(dealer.deal(0, 0).indices), dealer.deal(0, 0).kind] == [1, DealKind.EPOCH_END]
+
+
+def test_eval_returns_the_masters_model_without_changing_it():
+    hub, service = make_master(2, algorithm="dana")
+    c = client(hub, 1)
+    pulled = torch.empty(N_PARAMS)
+    c.pull(pulled)
+    c.push(torch.full((N_PARAMS,), 0.5), [0.1], 1, pulled)
+    seen = torch.empty(N_PARAMS)
+    c.evaluate(seen)
+    assert torch.equal(seen, service.state.eval_payload()) and service.state.version == 1
