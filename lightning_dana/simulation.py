@@ -74,6 +74,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self.seed = seed
         self._device_given = device is not None
         self._core: DanaCore | None = None
+        self._fit_done = False
         self._records: deque[PushRecord] = deque(maxlen=100_000)  # bounded if nobody drains
         self._active: int | None = None
 
@@ -98,6 +99,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
         if len(self.optimizers) != 1:
             raise MisconfigurationException(ONE_OPTIMIZER.format(who="SimulatedWorkers", count=len(self.optimizers)))
         optimizer = self.optimizers[0]
+        self._fit_done = False
         self._core = core = DanaCore(self.lightning_module, optimizer, self.algorithm, self.num_workers)
         assert core.state is not None
         self._pulled = core.empty().repeat(self.num_workers, 1)
@@ -170,8 +172,10 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self._load_master()
 
     def finish_fit(self) -> None:
-        """First thing at the end of fit (MasterView): the module holds the trained (master's) model."""
+        """First thing at the end of fit (MasterView): the module holds the trained (master's) model;
+        from now on checkpoints save the module (which SWA's on_train_end may still change)."""
         self._load_master()
+        self._fit_done = True
 
     @override
     def teardown(self) -> None:
@@ -184,7 +188,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
-        if self._core is None or self._core.state is None:
+        if self._core is None or self._core.state is None or self._fit_done:
             return state
         return self._core.module_state_dict(self._core.state.eval_payload(), state)
 

@@ -458,8 +458,8 @@ class DANAStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The master's model as the checkpoint's ``state_dict`` (so ``load_from_checkpoint`` gives it)."""
         state = super().lightning_module_state_dict()
-        if self._service is None or self._core is None or not self._async:
-            return state
+        if self._service is None or self._core is None or not self._training:
+            return state  # outside fit, and after finish_fit: the module (SWA's average, if any)
         payload, master, dealer = self._service.snapshot()
         self._pending_save = self._core.checkpoint(master, dealer=dealer)
         return self._core.module_state_dict(payload, state)
