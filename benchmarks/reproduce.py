@@ -530,7 +530,9 @@ def plot_error_vs_workers(rows: list[dict], path: Path) -> None:
             if len(points) < 2:
                 continue
             ns, means, stds = zip(*points)
-            line = ax.plot(ns, means, marker="o", ms=3, label=LABELS[algorithm])[0]
+            i = ALGORITHMS.index(algorithm)
+            style = {"color": plt.cm.tab20(i % 20), "ls": "--" if algorithm in MITIGATIONS else "-"}
+            line = ax.plot(ns, means, marker="o", ms=3, label=LABELS[algorithm], **style)[0]
             lo = [max(m - s, 1e-2) for m, s in zip(means, stds)]
             ax.fill_between(ns, lo, [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
         if not math.isnan(base):
