@@ -94,3 +94,32 @@ def with_batch_sampler(dataloader: DataLoader, batch_sampler: Any) -> DataLoader
     object.__setattr__(loader, "_iterator", None)
     return loader
 
+
+
+def requested_devices(trainer: pl.Trainer) -> int:
+    """How many devices ``Trainer(devices=...)`` asked for. A single-device strategy silently runs on one
+    whatever ``devices`` says (``_AcceleratorConnector._devices_flag`` keeps what was asked)."""
+    flag = getattr(trainer._accelerator_connector, "_devices_flag", 1)
+    if isinstance(flag, (list, tuple)):
+        return len(flag)
+    try:
+        return int(flag)
+    except (TypeError, ValueError):
+        return 1
+
+
+def unrepeated(dataloader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
+    """Lightning gives validate/test a ``DistributedSampler``, which pads the last shard with repeated
+    samples (it warns so); Lightning's own ``UnrepeatedDistributedSamplerWrapper`` (what it uses for
+    predict) shards without repeating, so every sample is evaluated once."""
+    from lightning_fabric.utilities.data import _update_dataloader
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    sampler = dataloader.sampler
+    if not isinstance(sampler, DistributedSampler) or isinstance(sampler, UnrepeatedDistributedSamplerWrapper):
+        return dataloader
+    inner = getattr(sampler.dataset, "_sampler", None) or SequentialSampler(dataloader.dataset)
+    return _update_dataloader(
+        dataloader, UnrepeatedDistributedSamplerWrapper(inner, num_replicas=num_replicas, rank=rank, shuffle=False)
+    )

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 import pytorch_lightning as pl
 from lightning_dana.callbacks import MasterView, ensure_gap_monitor
+from lightning_dana import compat
 from lightning_dana.compat import ONE_OPTIMIZER, one_optimizer
 from lightning_dana.core import DanaCore
 from lightning_dana.rules import check_algorithm
@@ -87,6 +88,12 @@ class SimulatedWorkers(SingleDeviceStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        if (devices := compat.requested_devices(trainer)) > 1 or trainer.num_nodes > 1:
+            raise MisconfigurationException(
+                f"SimulatedWorkers({self.num_workers}) simulates its workers in one process on one device; "
+                f"Trainer(devices={devices}, num_nodes={trainer.num_nodes}) would be ignored: set devices=1, or train "
+                "with real worker processes: Trainer(strategy='dana', devices=N)"
+            )
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and not self.lightning_module.automatic_optimization:
             raise MisconfigurationException(

@@ -127,6 +127,9 @@ class DANAStrategy(DDPStrategy):
             timeout=timedelta(seconds=float(idle_timeout) if idle_timeout is not None else max(6 * float(timeout), 1800.0)),
             start_method=start_method,
         )
+        # evaluation outside fit sees each sample once (compat.unrepeated), so Lightning's warning that its
+        # DistributedSampler repeats samples does not apply to this strategy
+        warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
         self.algorithm = algorithm
         self.transport = transport
         self.timeout_s = float(timeout)
@@ -296,8 +299,11 @@ class DANAStrategy(DDPStrategy):
     # --------------------------------------------------------------- training data
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """The training DataLoader takes its batches from the master (in place of a DistributedSampler)."""
+        """The training DataLoader takes its batches from the master (in place of a DistributedSampler);
+        outside fit, evaluation sees every sample exactly once (no DistributedSampler padding)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and not trainer.state.fn == TrainerFn.FITTING and isinstance(dataloader, DataLoader):
+            return compat.unrepeated(dataloader, self.world_size, self.global_rank)
         if not (self._async and trainer is not None and trainer.training and isinstance(dataloader, DataLoader)):
             return dataloader
         if type(dataloader.batch_sampler) is not BatchSampler:

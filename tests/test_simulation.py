@@ -176,3 +176,10 @@ def test_unsupported_training_fails_at_setup():
         fit(SimulatedWorkers(2), TwoOptimizers)
     with pytest.raises(MisconfigurationException, match="use algorithm='dana'"):
         fit(SimulatedWorkers(2, "nag_asgd"), lambda: TinyClassifier("adam"))
+
+
+def test_devices_beyond_one_are_refused_not_ignored():
+    with pytest.raises(MisconfigurationException, match=r"Trainer\(devices=2, num_nodes=1\) would be ignored"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=SimulatedWorkers(4), max_steps=1, logger=False).fit(
+            TinyClassifier(), loader()
+        )

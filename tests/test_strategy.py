@@ -120,3 +120,11 @@ def test_validation_on_rank_0_does_not_hold_the_other_workers(tmp_path: Path) ->
     first = r0["validations"][0]
     during = [w for w, t in r0["record_times"] if first[0] < t < first[1]]
     assert during and set(during) <= {1, 2}, (first, r0["record_times"][:50])
+
+
+def test_test_after_fit_evaluates_every_sample_exactly_once(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "1", "--test-samples", "37", devices=3)
+    assert run["rc"] == 0, run["output"][-4000:]
+    tested = sorted(i for rank in run["ranks"] for i in rank["dana"]["tested"])
+    assert tested == list(range(37))  # 37 samples on 3 ranks: no sample padded in twice
+    assert "replicates some samples" not in run["output"]

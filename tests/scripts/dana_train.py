@@ -50,6 +50,7 @@ class Tiny(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
         self.steps = 0
         self.trained: list[tuple[int, list[int]]] = []  # (epoch, sample indices) of every batch
+        self.tested: list[int] = []  # sample indices this rank evaluated in trainer.test
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -76,6 +77,11 @@ class Tiny(pl.LightningModule):
         if TRACE:
             with open(f"{TRACE}.{self.global_rank}", "a") as f:
                 f.write(json.dumps(batch[2].tolist()) + "\n")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, index = batch
+        self.tested.extend(index.tolist())
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if VAL_SLEEP and not self.trainer.sanity_checking:
@@ -134,6 +140,7 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0, help="seconds each step sleeps (on --slow-rank only, if given)")
     p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--test-samples", type=int, default=0, help="after fit, trainer.test on this many samples")
     p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
     p.add_argument("--start-method", default="popen")
     p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
@@ -202,6 +209,9 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
                       seconds=time.time() - start, error_checkpoint=getattr(trainer.strategy, "error_checkpoint_path", None))
         return trainer.global_rank, result
     result["seconds"] = time.time() - start
+    if args.test_samples:
+        trainer.test(model, DataLoader(dataset(args.test_samples, seed=2), batch_size=8), verbose=False)
+        result["tested"] = model.tested
     result["val_acc"] = float(trainer.callback_metrics.get("val_acc", float("nan")))
     result["val_loss"] = float(trainer.callback_metrics.get("val_loss", float("nan")))
     result["global_step"] = trainer.global_step
