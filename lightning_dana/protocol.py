@@ -149,12 +149,13 @@ class Header:
                 ErrorCode.WRONG_SIZE,
             )
 
-    def expect_lrs(self, num_groups: int) -> list[float]:
-        """The learning rates, checked: one per param group, each a finite number >= 0."""
+    def expect_lrs(self, num_groups: int, limit: float = math.inf) -> list[float]:
+        """The learning rates, checked: one per param group, each a number >= 0 and below ``limit``
+        (the largest value of the master's dtype)."""
         if len(self.lrs) != num_groups:
             raise ProtocolError(f"{len(self.lrs)} learning rates for {num_groups} param groups", ErrorCode.BAD_LR)
-        if not all(math.isfinite(lr) and lr >= 0 for lr in self.lrs):
-            raise ProtocolError(f"learning rates {self.lrs} are not all finite and >= 0", ErrorCode.BAD_LR)
+        if not all(math.isfinite(lr) and 0 <= lr < limit for lr in self.lrs):
+            raise ProtocolError(f"learning rates {self.lrs} are not all finite, >= 0 and < {limit:.3g}", ErrorCode.BAD_LR)
         return self.lrs
 
 

@@ -196,7 +196,7 @@ class MasterService:
             raise ProtocolError(f"rank {rank} is {state.value}; its messages are not read", ErrorCode.BROKEN)
         if header.type == Msg.PUSH:
             header.expect_payload(self._like)
-            header.expect_lrs(self.num_groups)
+            header.expect_lrs(self.num_groups, torch.finfo(self._like.dtype).max)
         elif header.type not in (Msg.PULL, Msg.DEAL, Msg.DONE, Msg.EVAL):
             raise ProtocolError(f"rank {rank} sent message type {header.type!r} to the master", ErrorCode.UNEXPECTED)
         self._seq[rank] = header.seq

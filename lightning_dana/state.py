@@ -102,15 +102,29 @@ class MasterState:
                 f"push from worker {worker} holds {payload.numel()} values of {payload.dtype}, the master expects "
                 f"{self.payload_numel} of {self.rule.theta.dtype}"
             )
+        limit = torch.finfo(payload.dtype).max
         values = [float(lrs)] * len(self.group_sizes) if isinstance(lrs, (int, float)) else [float(v) for v in lrs]
-        if len(values) != len(self.group_sizes) or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ValueError(f"push from worker {worker} carries learning rates {values}: need one finite lr >= 0 per param group")
+        if len(values) != len(self.group_sizes) or not all(math.isfinite(v) and 0 <= v < limit for v in values):
+            raise ValueError(
+                f"push from worker {worker} carries learning rates {values}: need one lr per param group, each "
+                f">= 0 and < {limit:.3g} (the largest {payload.dtype})"
+            )
         if not _all_finite(payload):
             raise RefusedPushError(f"worker {worker} pushed NaN or Inf; push refused, master unchanged", RefusalCode.NON_FINITE)
         params = payload[: self.numel]
         if not bool(torch.isfinite(params.square().sum())):
             raise RefusedPushError(
                 f"worker {worker} pushed values whose squared norm overflows {params.dtype} (a diverging loss?); "
+                "push refused, master unchanged",
+                RefusalCode.OVERFLOW,
+            )
+        # the largest change this push can make (momentum rules amplify a step at most ~1/(1-γ) ≤ 1e3 times):
+        # a step within 1e-3 of the dtype's range would make the master infinite, so refuse it before it applies
+        scale = 1.0 if self.rule.worker_pushes == "step" else max(values)
+        step = scale * float(params.abs().max()) if params.numel() else 0.0
+        if step > limit * 1e-3:
+            raise RefusedPushError(
+                f"worker {worker} pushed a step of {step:.3g}, which would overflow the master's {params.dtype}; "
                 "push refused, master unchanged",
                 RefusalCode.OVERFLOW,
             )
