@@ -30,7 +30,8 @@ class GradualWarmup(Callback):
     is given (e.g. for a synchronous baseline with linearly scaled lr).
 
     Args:
-        epochs: length of the warm-up, in epochs of this process's training batches.
+        epochs: length of the warm-up, in epochs. Under real workers the warm-up follows the master's
+            pushes (``DANAStrategy.progress``), so it spans the same batches as with one worker.
         num_workers: override N.
     """
 
@@ -51,7 +52,6 @@ class GradualWarmup(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._n = self.num_workers or strategy_workers(trainer)
-        self._total = self.epochs * float(trainer.num_training_batches)
         if not self.scheduled:
             self.scheduled = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
@@ -63,7 +63,8 @@ class GradualWarmup(Callback):
         self._apply(trainer)
 
     def _apply(self, trainer: pl.Trainer) -> None:
-        f = self.factor(trainer.global_step, self._n, self._total)
+        step, per_epoch = _progress(trainer)
+        f = self.factor(step, self._n, self.epochs * per_epoch)
         for opt, lrs in zip(trainer.optimizers, self.scheduled):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * f
@@ -224,3 +225,11 @@ class MasterView(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.finish_fit()  # type: ignore[attr-defined]
+
+
+def _progress(trainer: pl.Trainer) -> tuple[int, float]:
+    """(steps taken, steps per epoch) as one worker would count them: the master's, where the strategy
+    knows them (real workers each take only some of an epoch's batches), else this trainer's."""
+    progress = getattr(trainer.strategy, "progress", None)
+    known = progress() if callable(progress) else None
+    return known if known is not None else (trainer.global_step, float(trainer.num_training_batches))

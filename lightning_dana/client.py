@@ -87,7 +87,8 @@ class MasterClient:
 
     def _expect(self, reply: Header, kinds: tuple[Msg, ...]) -> Msg:
         self._reply = reply
-        self.version = reply.version
+        if reply.type in (Msg.REPLY, Msg.REFUSED, Msg.FINAL):
+            self.version = reply.version  # pushes the master has applied, as of this reply
         self.stop = self.stop or bool(reply.stop)
         if reply.type in kinds:
             return Msg(reply.type)

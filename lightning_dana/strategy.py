@@ -160,6 +160,7 @@ class DANAStrategy(DDPStrategy):
         self._limit_train_batches: Any = 1.0
         self._rank0_callbacks: list[Any] = []  # ranks 1..N-1: set aside during fit
         self._next_checkpoint = 0
+        self._batches_per_epoch = 0  # of the master's epoch (the dealt training DataLoader)
         self._pending_save: dict[str, Any] | None = None
         self._exits: dict[int, int] = {}  # local rank -> exit code, reported by the launcher's watcher
 
@@ -315,6 +316,7 @@ class DANAStrategy(DDPStrategy):
             )
             return dataloader
         assert self._client is not None
+        self._batches_per_epoch = make_dealer(dataloader, 0, self._limit_train_batches, None).batches_per_epoch
         if self._service is not None:
             accumulate = trainer.accumulate_grad_batches
             max_batches = trainer.max_steps * accumulate if trainer.max_steps >= 0 else None
@@ -386,6 +388,13 @@ class DANAStrategy(DDPStrategy):
         if self._service is not None and self.checkpoint_every and self._service.state.version >= self._next_checkpoint:
             self._save_master(PERIODIC_CHECKPOINT, overwrite=True)
             self._next_checkpoint = self._service.state.version + self.checkpoint_every
+
+    def progress(self) -> tuple[int, float] | None:
+        """(pushes the master has applied, batches per epoch): the step count one worker would have,
+        for schedules that must not depend on N (GradualWarmup). ``None`` outside fit."""
+        if self._client is None or not self._batches_per_epoch:
+            return None
+        return self._client.version, float(self._batches_per_epoch) / self.lightning_module.trainer.accumulate_grad_batches
 
     # ------------------------------------------------ the master's model outside steps
     def show_master(self) -> None:

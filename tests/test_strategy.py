@@ -128,3 +128,11 @@ def test_test_after_fit_evaluates_every_sample_exactly_once(tmp_path: Path) -> N
     tested = sorted(i for rank in run["ranks"] for i in rank["dana"]["tested"])
     assert tested == list(range(37))  # 37 samples on 3 ranks: no sample padded in twice
     assert "replicates some samples" not in run["output"]
+
+
+def test_gradual_warmup_follows_the_masters_pushes(tmp_path: Path) -> None:
+    """A one-epoch warm-up ends after one epoch of the master's batches on every worker, as with one worker
+    (counted in each worker's own steps it would last N epochs)."""
+    run = train(tmp_path, "--epochs", "2", "--warmup-epochs", "1", devices=3)
+    assert run["rc"] == 0, run["output"][-4000:]
+    assert [r["dana"]["final_lr"] for r in run["ranks"]] == [pytest.approx(0.1)] * 3

@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_dana  # noqa: E402,F401  (registers the strategy names)
-from lightning_dana import DANAStrategy  # noqa: E402
+from lightning_dana import DANAStrategy, GradualWarmup  # noqa: E402
 
 
 VAL_SLEEP = float(os.environ.get("DANA_TEST_VAL_SLEEP", 0))
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0, help="seconds each step sleeps (on --slow-rank only, if given)")
     p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="GradualWarmup over this many epochs")
     p.add_argument("--test-samples", type=int, default=0, help="after fit, trainer.test on this many samples")
     p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
     p.add_argument("--start-method", default="popen")
@@ -190,6 +191,8 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.root, "ckpts"), every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1, save_last=True))
         callbacks.append(EarlyStopping(monitor="val_loss", patience=100))
+    if args.warmup_epochs:
+        callbacks.append(GradualWarmup(epochs=args.warmup_epochs))
     if args.stop_at_acc:
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", stopping_threshold=args.stop_at_acc, patience=100))
     trainer = pl.Trainer(
@@ -221,6 +224,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     result["record_times"] = [(r.worker, r.time) for r in report.records]
     result["validations"] = report.validations
     result["current_epoch"] = trainer.current_epoch
+    result["final_lr"] = trainer.optimizers[0].param_groups[0]["lr"]
     result["params"] = [p.detach().reshape(-1).tolist() for p in model.parameters()]
     result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
     result["start"] = start_state.state
