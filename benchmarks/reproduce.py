@@ -436,7 +436,7 @@ def keeps_gaps(spec: RunSpec, gap_workers: int) -> bool:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in values if math.isfinite(v)]  # a diverged run's gap can be inf
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
