@@ -44,7 +44,7 @@ from lightning_dana.protocol import (
     text_payload,
 )
 from lightning_dana.state import MasterDivergedError, MasterState, PushRecord, RefusedPushError
-from lightning_dana.transport import Transport, TransportError
+from lightning_dana.transport import SizeMismatchError, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,11 @@ class MasterService:
                     self._refuse_message(rank, error, reply_buf)
                     return
                 if header.type == Msg.PUSH:
-                    t.recv(payload, rank, TAG_PAYLOAD, self.timeout, f"the payload of worker rank {rank}'s push")
+                    try:
+                        t.recv(payload, rank, TAG_PAYLOAD, self.timeout, f"the payload of worker rank {rank}'s push")
+                    except SizeMismatchError as error:  # MPI tells; gloo cannot (the header's size was checked)
+                        self._refuse_message(rank, ProtocolError(str(error), ErrorCode.WRONG_SIZE), reply_buf)
+                        return
                 reply = self.handle(rank, header, payload, payload)
                 if header.type == Msg.DONE and header.code:
                     return

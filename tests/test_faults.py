@@ -21,7 +21,8 @@ def test_a_killed_worker_does_not_stop_the_run(tmp_path: Path) -> None:
     os.environ["DANA_TEST_TRACE"] = str(trace)  # read by the training script's ranks (dana_runner copies os.environ)
     try:
         result = train(tmp_path, "--epochs", "3", "--kill-rank", "2", "--kill-step", "4", "--timeout", "60",
-                       "--slow", "0.02", "--checkpoint-every", "4", devices=3, timeout=300)
+                       "--slow", "0.02", "--checkpoint-every", "4", "--master-checkpoint-every", "8",
+                       devices=3, timeout=300)
     finally:
         del os.environ["DANA_TEST_TRACE"]
     rank0, rank1, rank2 = result["ranks"]
@@ -39,6 +40,10 @@ def test_a_killed_worker_does_not_stop_the_run(tmp_path: Path) -> None:
     assert len(Path(f"{trace}.2").read_text().splitlines()) == 4
     checkpoint = torch.load(r0["last_ckpt"], weights_only=False)
     assert checkpoint["dana"]["master"]["version"] > 0
+    # DANAStrategy(checkpoint_every=8): the master's model on a cadence of pushes, whoever died
+    periodic = torch.load(tmp_path / "dana-master-latest.ckpt", weights_only=False)
+    assert periodic["dana"]["master"]["version"] >= 8 and periodic["dana"]["dealer"] is not None
+    assert all(torch.isfinite(t).all() for t in periodic["state_dict"].values())
     assert r0["val_acc"] >= 0.85
 
 

@@ -381,3 +381,24 @@ def test_server_state_bytes_adds_the_buffers(algorithm):
     server = MasterState(make_rule(algorithm, torch.zeros(10), 3, MOMENTUM), [10], torch.zeros(4))
     assert server.state_bytes() == server.rule.state_bytes() + 16
     assert server.payload_numel == 14
+
+
+@pytest.mark.parametrize(("algorithm", "resumable"), [("dana", True), ("asgd", True), ("dana_zero", False), ("multi_asgd", False)])
+def test_resuming_with_another_number_of_workers(algorithm, resumable):
+    """Allowed where the master's state does not depend on N; refused with the reason where it does."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from lightning_dana.core import DanaCore
+
+    def core(n):
+        model = torch.nn.Linear(3, 2)
+        return DanaCore(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), algorithm, n)
+
+    three = core(3)
+    saved = three.checkpoint(three.state.state_dict())
+    if resumable:
+        master = core(2).resumable_master(saved)
+        assert master["pulled_version"] == [master["version"]] * 2
+    else:
+        with pytest.raises(MisconfigurationException, match="keeps state per worker.*resume with 3 workers"):
+            core(2).resumable_master(saved)

@@ -136,3 +136,11 @@ def test_gradual_warmup_follows_the_masters_pushes(tmp_path: Path) -> None:
     run = train(tmp_path, "--epochs", "2", "--warmup-epochs", "1", devices=3)
     assert run["rc"] == 0, run["output"][-4000:]
     assert [r["dana"]["final_lr"] for r in run["ranks"]] == [pytest.approx(0.1)] * 3
+
+
+def test_dataloader_worker_processes_and_prefetching(tmp_path: Path) -> None:
+    """DataLoader(num_workers=2, persistent_workers=True) prefetches dealt batches ahead: still once each."""
+    run = train(tmp_path, "--epochs", "2", "--loader-workers", "2", devices=2)
+    assert run["rc"] == 0, run["output"][-4000:]
+    counts = Counter(i for rank in run["ranks"] for _, batch in rank["dana"]["trained"] for i in batch)
+    assert sorted(counts) == list(range(384)) and set(counts.values()) == {2}

@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0, help="seconds each step sleeps (on --slow-rank only, if given)")
     p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader(num_workers=...) for training")
+    p.add_argument("--master-checkpoint-every", type=int, default=0, help="DANAStrategy(checkpoint_every=...)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="GradualWarmup over this many epochs")
     p.add_argument("--test-samples", type=int, default=0, help="after fit, trainer.test on this many samples")
     p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
@@ -184,7 +186,8 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         strategy: Any = algorithm
     else:
         strategy = DANAStrategy(algorithm=algorithm, transport=args.transport, timeout=args.timeout,
-                                gap_every=2, start_method=args.start_method)
+                                gap_every=2, start_method=args.start_method,
+                                checkpoint_every=args.master_checkpoint_every)
     report, start_state = Report(), StartState()
     callbacks: list[Callback] = [report, start_state]
     if args.checkpoint_every:
@@ -200,7 +203,8 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks,
     )
-    train = DataLoader(dataset(), batch_size=args.batch, shuffle=True)
+    train = DataLoader(dataset(), batch_size=args.batch, shuffle=True, num_workers=args.loader_workers,
+                       persistent_workers=args.loader_workers > 0)
     val = DataLoader(dataset(128, seed=1), batch_size=64)
     start = time.time()
     result: dict[str, Any] = {}
