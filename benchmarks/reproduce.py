@@ -277,7 +277,7 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
         "test_error": evaluate(model, data.datasets["test"]),
         "val_error": evaluate(model, data.datasets["val"]),
         "train_loss": losses.mean(), "runtime_s": time.perf_counter() - start,
-        "refused_pushes": getattr(getattr(trainer.strategy, "server", None), "refused", 0),
+        "refused_pushes": refused_pushes(trainer.strategy),
         "lr": recipe.lr, "epochs": recipe.epochs, "num_samples": recipe.num_samples,
     }  # fmt: skip
     row.update(history_means(monitor.history))
@@ -285,6 +285,12 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
         Path(gap_dir).mkdir(parents=True, exist_ok=True)
         (Path(gap_dir) / f"{spec.name}.json").write_text(json.dumps(compact_history(monitor.history)))
     return row
+
+
+def refused_pushes(strategy) -> int:
+    """NaN/Inf pushes the master refused: ParameterServer.refused, or the shared core's MasterState's."""
+    state = getattr(strategy, "server", None) or getattr(getattr(strategy, "_core", None), "state", None)
+    return getattr(state, "refused", 0)
 
 
 def build_task(recipe: Recipe, scale: int, data_dir: str):

@@ -52,7 +52,9 @@ class Trace(pl.Callback):
     def master(self, trainer, module):
         import torch
 
-        server = getattr(trainer.strategy, "server", None)
+        server = getattr(trainer.strategy, "server", None)  # ParameterServer (before the core redesign)
+        if server is None:  # MasterState inside the shared core (after it)
+            server = getattr(getattr(trainer.strategy, "_core", None), "state", None)
         if server is None:  # one worker, no strategy: the module is the master
             return torch.cat([p.detach().reshape(-1) for p in module.parameters()]), None
         return server.rule.eval_params(), server.buffers
