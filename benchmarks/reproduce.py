@@ -536,9 +536,7 @@ def plot_error_vs_workers(rows: list[dict], path: Path) -> None:
             if len(points) < 2:
                 continue
             ns, means, stds = zip(*points)
-            i = ALGORITHMS.index(algorithm)
-            style = {"color": plt.cm.tab20(i % 20), "ls": "--" if algorithm in MITIGATIONS else "-"}
-            line = ax.plot(ns, means, marker="o", ms=3, label=LABELS[algorithm], **style)[0]
+            line = ax.plot(ns, means, marker="o", ms=3, label=LABELS[algorithm], **line_style(algorithm))[0]
             lo = [max(m - s, 1e-2) for m, s in zip(means, stds)]
             ax.fill_between(ns, lo, [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
         if not math.isnan(base):
@@ -552,6 +550,14 @@ def plot_error_vs_workers(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def line_style(algorithm: str) -> dict:
+    """One colour per algorithm (tab20), dashed for the issue 8 mitigations."""
+    import matplotlib.pyplot as plt
+
+    i = ALGORITHMS.index(algorithm)
+    return {"color": plt.cm.tab20(i % 20), "ls": "--" if algorithm in MITIGATIONS else "-"}
 
 
 def curve(groups: dict[tuple[int, str], list[float]], algorithm: str) -> list[tuple[int, float, float]]:
@@ -577,7 +583,7 @@ def plot_gaps(rows: list[dict], gap_dir: Path, path: Path, schedule: str = "bloc
             (n, mean_std(v)[0]) for (n, alg), v in gap_by_workers(rows, schedule).items() if alg == algorithm
         )
         if points:
-            a.plot(*zip(*points), marker="o", ms=3, label=LABELS[algorithm])
+            a.plot(*zip(*points), marker="o", ms=3, label=LABELS[algorithm], **line_style(algorithm))
     a.set(xscale="log", yscale="log", xlabel="workers N", ylabel="mean gap over training")
     ticks = sorted({n for n, _ in gap_by_workers(rows, schedule)})
     a.set_xticks(ticks, labels=[str(n) for n in ticks])
@@ -590,7 +596,7 @@ def plot_gaps(rows: list[dict], gap_dir: Path, path: Path, schedule: str = "bloc
             if name != f"{algorithm}_{schedule}_s0":
                 continue
             h = json.loads(f.read_text())
-            b.plot(h["step"], h["gap"], lw=1, label=LABELS[algorithm])
+            b.plot(h["step"], h["gap"], lw=1, label=LABELS[algorithm], **line_style(algorithm))
             workers = n[1:]
     b.set(yscale="log", xlabel="training step (pushes)", ylabel="gap G(θ_t − θ_{t+τ})")
     b.set_title(f"(b) gap during training, N = {workers}, seed 0")
