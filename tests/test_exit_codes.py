@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dana_runner import PYTHON, SCRIPTS, run  # noqa: E402
 
@@ -20,6 +22,7 @@ RUNS = 10
 SIGNS_OF_AN_ABORT = ("terminate called", "core dumped", "Fatal Python error", "Segmentation fault")
 
 
+@pytest.mark.timeout(1800)  # ten real runs in a row: wide, for a machine running two suites at once
 def test_a_successful_real_run_exits_zero_every_time(tmp_path: Path) -> None:
     failures = []
     for i in range(RUNS):
