@@ -92,7 +92,11 @@ class DanaCore:
         master = saved["master"]
         if saved["num_workers"] == self.num_workers:
             return master
-        per_worker = [k for k, v in master["rule"]["tensors"].items() if isinstance(v, list)]
+        rule = master["rule"]
+        per_worker = [
+            k for k, v in {**rule["tensors"], **rule.get("extra", {})}.items()
+            if isinstance(v, (list, tuple)) and len(v) == saved["num_workers"]
+        ]
         if per_worker:
             raise MisconfigurationException(
                 f"the checkpoint was made by {saved['num_workers']} workers and algorithm={self.algorithm!r} keeps "

@@ -383,7 +383,10 @@ def test_server_state_bytes_adds_the_buffers(algorithm):
     assert server.payload_numel == 14
 
 
-@pytest.mark.parametrize(("algorithm", "resumable"), [("dana", True), ("asgd", True), ("dana_zero", False), ("multi_asgd", False)])
+@pytest.mark.parametrize(
+    ("algorithm", "resumable"),
+    [("dana", True), ("asgd", True), ("nag_asgd", True), ("dana_zero", False), ("multi_asgd", False), ("sa_asgd", False), ("dana_ga", False)],
+)
 def test_resuming_with_another_number_of_workers(algorithm, resumable):
     """Allowed where the master's state does not depend on N; refused with the reason where it does."""
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
