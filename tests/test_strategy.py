@@ -144,3 +144,16 @@ def test_dataloader_worker_processes_and_prefetching(tmp_path: Path) -> None:
     assert run["rc"] == 0, run["output"][-4000:]
     counts = Counter(i for rank in run["ranks"] for _, batch in rank["dana"]["trained"] for i in batch)
     assert sorted(counts) == list(range(384)) and set(counts.values()) == {2}
+
+
+def test_the_staleness_mitigations_run_with_real_workers(tmp_path: Path) -> None:
+    """Every rule added for issue 8 runs under real processes through the same shared rule code."""
+    from lightning_dana import ALGORITHMS as ALL
+
+    new = [a for a in ALL if a not in ALGORITHMS]
+    run = train(tmp_path, "--algorithm", ",".join(new), "--epochs", "2", devices=2, timeout=600)
+    assert run["rc"] == 0, run["output"][-4000:]
+    for algorithm in new:
+        r = run["ranks"][0][algorithm]
+        assert r["status"] == "ok" and r["val_acc"] >= 0.7, (algorithm, r.get("val_acc"))
+        assert r["params"] == run["ranks"][1][algorithm]["params"], algorithm
