@@ -20,6 +20,7 @@ import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared tiny data
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
@@ -28,22 +29,12 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_dana  # noqa: E402,F401  (registers the strategy names)
+from tiny import dataset, loader  # noqa: E402,F401  (tests/tiny.py)
 from lightning_dana import DANAStrategy  # noqa: E402
 from lightning_dana.rules import make_rule  # noqa: E402
 
 SWA_EPOCHS = 4
 SWA_EPOCH_START = 2  # Lightning's 1-based start: SWA averages at the start of epochs 1, 2, 3 (0-based)
-
-
-def dataset(n: int = 256, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, 0] + 0.5 * x[:, 1] - x[:, 2] > 0).long()
-    return TensorDataset(x, y)
-
-
-def loader(n: int = 256, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> DataLoader:
-    return DataLoader(dataset(n, seed), batch_size=batch_size, shuffle=shuffle)
 
 
 class Plain(pl.LightningModule):
