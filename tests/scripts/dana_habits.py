@@ -26,7 +26,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
 
 import lightning_dana  # noqa: E402,F401  (registers the strategy names)
 from tiny import dataset, loader  # noqa: E402,F401  (tests/tiny.py)
