@@ -30,7 +30,6 @@ class DealtBatchSampler:
     def __init__(self, client: MasterClient, current_epoch: Callable[[], int]) -> None:
         self.client = client
         self.current_epoch = current_epoch  # the worker's own epoch (Lightning's ``trainer.current_epoch``)
-        self.dealt = 0  # batches dealt to this worker in all
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.current_epoch()
@@ -38,7 +37,6 @@ class DealtBatchSampler:
             deal = self.client.deal(epoch)
             if deal.kind is not DealKind.BATCH:
                 return
-            self.dealt += 1
             yield list(deal.indices)
 
 

@@ -163,9 +163,6 @@ class BatchDealer:
     def stop(self) -> None:
         self.stopped = True
 
-    def epoch_complete(self, epoch: int) -> bool:
-        return self.trained.get(epoch, 0) >= self.batches_per_epoch
-
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """What resuming needs; batches outstanding at save time are dealt again after resume."""

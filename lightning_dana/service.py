@@ -96,7 +96,6 @@ class MasterService:
         self._threads: list[threading.Thread] = []
         template = state.rule.theta
         self._like = torch.empty(state.payload_numel, dtype=template.dtype, device=template.device)
-        self.last_progress = time.monotonic()
 
     # ------------------------------------------------------------------- control
     def set_dealer(self, dealer: BatchDealer) -> None:
@@ -203,7 +202,6 @@ class MasterService:
 
     def handle(self, rank: int, header: Header, payload: Tensor | None, out: Tensor) -> Reply:
         """Answer one checked message; ``out`` (which may alias ``payload``) receives parameters."""
-        self.last_progress = time.monotonic()
         abort = self.faults.aborted
         if abort is not None and header.type != Msg.DONE:
             return self._abort_reply(rank)
