@@ -87,10 +87,16 @@ class GlooTransport(Transport):
         return self.groups[peer]
 
     def isend(self, tensor: Tensor, peer: int, tag: int) -> Any:
-        return dist.isend(tensor, peer, group=self._group(peer, tag), tag=tag)
+        try:
+            return dist.isend(tensor, peer, group=self._group(peer, tag), tag=tag)
+        except RuntimeError as error:  # gloo raises at once on a pair whose peer is already gone
+            raise _timeout_error(f"a send to rank {peer} to start", 0, error) from error
 
     def irecv(self, tensor: Tensor, peer: int, tag: int) -> Any:
-        return dist.irecv(tensor, peer, group=self._group(peer, tag), tag=tag)
+        try:
+            return dist.irecv(tensor, peer, group=self._group(peer, tag), tag=tag)
+        except RuntimeError as error:
+            raise _timeout_error(f"a receive from rank {peer} to start", 0, error) from error
 
     def wait(self, handle: Any, timeout: float, what: str) -> None:
         try:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dana_runner import PYTHON, ROOT, SCRIPTS, env  # noqa: E402
+from dana_runner import PYTHON, ROOT, SCRIPTS, env, free_port  # noqa: E402
 
 from lightning_dana.protocol import ErrorCode  # noqa: E402
 
@@ -27,11 +26,6 @@ TIMEOUT = 300  # wide: a busy machine is slow, never wrong
 WORLD = 5  # the master, a good worker, three fuzzers
 ROUNDS, BUDGET, PUSHES = 40, 30, 30
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_fuzz(tmp: Path, seed: int, *extra: str) -> tuple[list[int | None], str, list[dict | None]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +18,31 @@ SCRIPTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 
+def free_port() -> int:
+    """A free port on 127.0.0.1 below the kernel's ephemeral range, so no connection of another
+    process (gloo opens many) can take it between this choice and the launcher's bind; random, so
+    two suites at once rarely pick the same one, and checked by binding it."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(low - 12000, 1024), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found below the ephemeral range")
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("LOCAL_RANK", None)
     e.pop("WORLD_SIZE", None)
-    e.update(PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    e.update(PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+             MASTER_PORT=str(free_port()))
     return e
 
 
