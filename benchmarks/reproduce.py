@@ -46,6 +46,8 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "benchmarks") not in sys.path:  # reproduce_tasks, the second task
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from lightning_dana.state import MasterDivergedError  # noqa: E402
+
 PAPER_ALGORITHMS = ("asgd", "nag_asgd", "multi_asgd", "dana_zero", "dana")
 #: staleness mitigations (issue 8): on ASGD, on DANA, and ours (dana_sm, dana_smp; dana_sa is an ablation)
 MITIGATIONS = ("sa_asgd", "ga_asgd", "dc_asgd", "dana_ga", "dana_dc", "dana_sm", "dana_smp", "dana_smpn", "dana_sa")
@@ -254,6 +256,11 @@ def evaluate_error(model, dataset) -> float:
     return 100.0 * wrong.float().mean().item()
 
 
+# a run whose master's parameters became non-finite (MasterDivergedError) has no model left to test: it
+# is recorded, as 100 % error, so that a mean over seeds counts it instead of silently dropping it
+DIVERGED_ERROR = 100.0
+
+
 def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -> dict:
     """Train one run through the real Trainer and return its CSV row."""
     quiet_worker()
@@ -271,12 +278,17 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
         accelerator="cpu", devices=1, max_epochs=recipe.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs,
     )  # fmt: skip
-    trainer.fit(model, datamodule=data)
+    try:
+        trainer.fit(model, datamodule=data)
+        test_error, val_error, train_loss = (evaluate(model, data.datasets["test"]),
+                                             evaluate(model, data.datasets["val"]), losses.mean())
+    except MasterDivergedError as error:  # a measured outcome, not a broken run: the model is lost
+        print(f"{spec.name} diverged ({error}); recorded as {DIVERGED_ERROR:g} % error", flush=True)
+        test_error, val_error, train_loss = DIVERGED_ERROR, DIVERGED_ERROR, math.nan
     row = {
         "workers": spec.workers, "algorithm": spec.algorithm, "schedule": spec.schedule, "seed": spec.seed,
-        "test_error": evaluate(model, data.datasets["test"]),
-        "val_error": evaluate(model, data.datasets["val"]),
-        "train_loss": losses.mean(), "runtime_s": time.perf_counter() - start,
+        "test_error": test_error, "val_error": val_error,
+        "train_loss": train_loss, "runtime_s": time.perf_counter() - start,
         "refused_pushes": refused_pushes(trainer.strategy),
         "lr": recipe.lr, "epochs": recipe.epochs, "num_samples": recipe.num_samples,
     }  # fmt: skip
