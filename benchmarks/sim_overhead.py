@@ -1,11 +1,11 @@
 """Step time of SimulatedWorkers(num_workers=16) over plain single-device training, in the same run.
 
-A ResNet-20 (about 0.27 M parameters) on 32x32x3 inputs, batch 128, on the CPU.
+A ResNet-20 (about 0.27 M parameters) on 32x32x3 inputs, batch 128, on the CPU (or ``--accelerator gpu``).
 Both variants train the same model on the same data through the real Trainer;
 runs alternate (plain, simulated, plain, ...) so drifts in machine speed hit
 both alike, and the ratio of median step times is printed. Goal: <= 1.05.
 
-    python benchmarks/sim_overhead.py [--steps 30] [--repeats 3] [--algorithms dana nag_asgd]
+    python benchmarks/sim_overhead.py [--steps 30] [--repeats 3] [--algorithms dana nag_asgd] [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -51,12 +51,13 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
-def step_time(strategy, steps: int, warmup: int = 3) -> float:
+def step_time(strategy, steps: int, accelerator: str = "cpu", warmup: int = 3) -> float:
     pl.seed_everything(0, verbose=False)
     data = TensorDataset(torch.randn(128 * (steps + warmup), 3, 32, 32), torch.randint(0, 10, (128 * (steps + warmup),)))
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -75,14 +76,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--algorithms", nargs="+", default=["dana"])
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu (one device)")
     args = parser.parse_args()
     params = sum(p.numel() for p in resnet20(num_classes=10).parameters())
-    print(f"ResNet-20: {params / 1e6:.3f} M parameters, batch 128, CPU threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
+    print(f"ResNet-20: {params / 1e6:.3f} M parameters, batch 128, {where}")
     for algorithm in args.algorithms:
         plain, simulated = [], []
         for _ in range(args.repeats):
-            plain.append(step_time(None, args.steps))
-            simulated.append(step_time(SimulatedWorkers(args.workers, algorithm), args.steps))
+            plain.append(step_time(None, args.steps, args.accelerator))
+            simulated.append(step_time(SimulatedWorkers(args.workers, algorithm), args.steps, args.accelerator))
         p, s = statistics.median(plain), statistics.median(simulated)
         print(
             f"{algorithm:>10}: plain {p * 1e3:.1f} ms/step, SimulatedWorkers({args.workers}) {s * 1e3:.1f} ms/step, "
