@@ -22,8 +22,8 @@ __all__ = [
 import pytorch_lightning.strategies as _pl_strategies
 
 from lightning_dana.client import MasterRefusedError, TrainingAborted
-from lightning_dana.faults import MasterFailedError, WorkerLostError
+from lightning_dana.faults import MasterFailedError
 from lightning_dana.strategy import DANAStrategy, register_strategies
 
 register_strategies(_pl_strategies.StrategyRegistry)
-__all__ += ["DANAStrategy", "MasterFailedError", "MasterRefusedError", "TrainingAborted", "WorkerLostError", "register_strategies"]
+__all__ += ["DANAStrategy", "MasterFailedError", "MasterRefusedError", "TrainingAborted", "register_strategies"]

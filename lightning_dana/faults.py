@@ -23,10 +23,6 @@ class WorkerState(Enum):
     BROKEN = "broken"  # sent a malformed message: nothing more is read from it
 
 
-class WorkerLostError(RuntimeError):
-    """A worker process died, failed or went silent (raised only where the run cannot go on without it)."""
-
-
 class MasterFailedError(RuntimeError):
     """The master stopped with an error; the message says why and where its model was saved."""
 

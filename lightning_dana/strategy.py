@@ -44,7 +44,7 @@ from lightning_dana.callbacks import MasterView, ensure_gap_monitor
 from lightning_dana.client import LocalClient, MasterClient, RemoteClient, TrainingAborted
 from lightning_dana.core import DanaCore
 from lightning_dana.data import DealtBatchSampler, make_dealer
-from lightning_dana.faults import FaultRecord, MasterFailedError, WorkerLostError
+from lightning_dana.faults import FaultRecord, MasterFailedError
 from lightning_dana.launcher import WatchedSubprocessLauncher
 from lightning_dana.protocol import AbortCode, Msg
 from lightning_dana.rules import ALGORITHMS, check_algorithm
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 ERROR_CHECKPOINT = "dana-master-on-error.ckpt"
 PERIODIC_CHECKPOINT = "dana-master-latest.ckpt"
 
-__all__ = ["DANAStrategy", "MasterFailedError", "TrainingAborted", "WorkerLostError", "register_strategies"]
+__all__ = ["DANAStrategy", "MasterFailedError", "TrainingAborted", "register_strategies"]
 
 
 class DANAStrategy(DDPStrategy):

@@ -127,3 +127,15 @@ def test_teacher_task_is_offline_seeded_and_learnable() -> None:
         opt.step()
     assert unexplained_variance(model, a["test"]) < 0.8 * before
     assert harness.PRESETS["teacher"].recipe.task == "teacher"
+
+
+def test_a_run_whose_master_diverges_is_recorded_not_dropped(tmp_path: Path) -> None:
+    """16 times the second task's lr makes delay compensation's master non-finite within an epoch: the
+    run is a measured outcome (100 % error), so a mean over seeds counts it instead of losing the seed."""
+    from dataclasses import replace
+
+    harness = load_harness()
+    recipe = replace(harness.PRESETS["teacher"].recipe, lr=1.6, epochs=1)
+    row = harness.run_one(harness.RunSpec(8, "dana_dc", "block_random", 0), recipe, str(tmp_path), None)
+    assert row["test_error"] == harness.DIVERGED_ERROR == 100.0
+    assert (row["workers"], row["algorithm"], row["seed"]) == (8, "dana_dc", 0)
