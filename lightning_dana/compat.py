@@ -96,6 +96,16 @@ def with_batch_sampler(dataloader: DataLoader, batch_sampler: Any) -> DataLoader
 
 
 
+def let_checkpoints_save(trainer: pl.Trainer) -> None:
+    """``ModelCheckpoint`` skips a save while ``trainer.global_step`` has not moved since its last one
+    (``_last_global_step_saved``). On rank 0 of real workers global_step counts rank 0's own steps, and
+    the master's model moves with every worker's push: an epoch in which rank 0 took no batch (the others
+    took them while it validated) would leave ``last.ckpt`` one epoch behind the final model."""
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "_last_global_step_saved"):
+            callback._last_global_step_saved = -1
+
+
 def requested_devices(trainer: pl.Trainer) -> int:
     """How many devices ``Trainer(devices=...)`` asked for. A single-device strategy silently runs on one
     whatever ``devices`` says (``_AcceleratorConnector._devices_flag`` keeps what was asked)."""

@@ -155,6 +155,7 @@ class DANAStrategy(DDPStrategy):
         self._async = False  # collectives act on this rank alone
         self._training = False  # between on_train_start and the end of fit
         self._shows_master = False  # the module holds the master's model, not this worker's pull
+        self._version_shown = -1  # the master's version at the last epoch-end view (rank 0: checkpoints)
         self._batches = 0  # batches started since this worker's last push
         self._limit_val_batches: Any = None
         self._limit_train_batches: Any = 1.0
@@ -408,6 +409,10 @@ class DANAStrategy(DDPStrategy):
         self._client.evaluate(buf)
         self._core.load(buf)
         self._shows_master = True
+        if self._service is not None and self._client.version != self._version_shown:
+            # the master moved (perhaps by the others' pushes alone): let ModelCheckpoint save it
+            compat.let_checkpoints_save(self.lightning_module.trainer)
+            self._version_shown = self._client.version
 
     def finish_fit(self) -> None:
         """Every rank, first thing at the end of fit: say this worker is done, wait for the run to be over
@@ -473,10 +478,12 @@ class DANAStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The master's model as the checkpoint's ``state_dict`` (so ``load_from_checkpoint`` gives it)."""
         state = super().lightning_module_state_dict()
-        if self._service is None or self._core is None or not self._training:
-            return state  # outside fit, and after finish_fit: the module (SWA's average, if any)
+        if self._service is None or self._core is None:
+            return state  # outside fit
         payload, master, dealer = self._service.snapshot()
-        self._pending_save = self._core.checkpoint(master, dealer=dealer)
+        self._pending_save = self._core.checkpoint(master, dealer=dealer)  # resumable, after fit's end too
+        if not self._training:  # after finish_fit (ModelCheckpoint's save at on_train_end): the module holds
+            return state  # the master's final model, or SWA's average of it, as under DDP
         return self._core.module_state_dict(payload, state)
 
     @override

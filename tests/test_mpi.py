@@ -30,7 +30,9 @@ def test_mpiexec_trains_with_the_mpi_transport(tmp_path: Path) -> None:
     for algorithm in ("dana", "multi_asgd"):
         r = rank0[algorithm]
         assert r["status"] == "ok" and r["val_acc"] >= 0.85, (algorithm, r)
-        assert {w for w, _, _ in r["records"]} == {0, 1, 2}
+        # pushes crossed MPI: the remote ranks pushed (which of them, and how much, depends on their speed:
+        # under load one may start after the others have taken every batch)
+        assert {w for w, _, _ in r["records"]} & {1, 2}, r["records"]
         assert r["params"] == rank2[algorithm]["params"]
         # the master dealt every sample of each of the 3 epochs once, over MPI too
         ranks = [rank0, json.loads(Path(f"{out}.rank1").read_text()), rank2]

@@ -157,3 +157,22 @@ def test_the_staleness_mitigations_run_with_real_workers(tmp_path: Path) -> None
         r = run["ranks"][0][algorithm]
         assert r["status"] == "ok" and r["val_acc"] >= 0.7, (algorithm, r.get("val_acc"))
         assert r["params"] == run["ranks"][1][algorithm]["params"], algorithm
+
+
+def test_last_checkpoint_holds_the_final_master_when_rank_0_takes_no_batch_in_the_last_epoch(tmp_path: Path) -> None:
+    """Rank 0 validates for seconds after epoch 0 while the others take every batch of epoch 1, so rank 0's
+    own global_step does not move in epoch 1; ModelCheckpoint must still save the master's final model
+    (it skipped the save and left last.ckpt one epoch behind, seen under load in the spawn test)."""
+    os.environ["DANA_TEST_VAL_SLEEP"] = "1.5"  # per validation batch: read by the script's rank 0
+    try:
+        run = train(tmp_path, "--epochs", "2", "--checkpoint-every", "1000", devices=3, timeout=300)
+    finally:
+        del os.environ["DANA_TEST_VAL_SLEEP"]
+    assert run["rc"] == 0, run["output"][-4000:]
+    r0 = run["ranks"][0]["dana"]
+    checkpoint = torch.load(r0["last_ckpt"], weights_only=False)
+    final = [v for p in r0["params"] for v in p]
+    saved = [v for k, t in checkpoint["state_dict"].items() if "running_" not in k and "num_batches" not in k
+             for v in t.reshape(-1).tolist()]
+    assert checkpoint["dana"]["master"]["version"] == 2 * 24  # every push of both epochs
+    assert saved == pytest.approx(final)
