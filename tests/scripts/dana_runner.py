@@ -18,6 +18,10 @@ SCRIPTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 
+_PORTS = random.SystemRandom()  # not the seeded `random`: after seed_everything(0) in two pytest workers, the
+# module-level generator gives both the same "random" ports, and two stores on one port hang both runs
+
+
 def free_port() -> int:
     """A free port on 127.0.0.1 below the kernel's ephemeral range, so no connection of another
     process (gloo opens many) can take it between this choice and the launcher's bind; random, so
@@ -27,7 +31,7 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     for _ in range(200):
-        port = random.randrange(max(low - 12000, 1024), low)
+        port = _PORTS.randrange(max(low - 12000, 1024), low)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -41,7 +45,7 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("LOCAL_RANK", None)
     e.pop("WORLD_SIZE", None)
-    e.update(PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+    e.update(PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONFAULTHANDLER="1",
              MASTER_PORT=str(free_port()))
     return e
 
@@ -58,14 +62,24 @@ def run(cmd: list[str], timeout: float, cwd: Path = ROOT, wait_for: list[Path] |
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _dump_stacks(proc)  # every process's threads, into the output: where it hung
         _kill(proc)
         out, _ = proc.communicate()
-        raise AssertionError(f"{cmd} ran past {timeout}s; output:\n{out[-6000:]}")
+        raise AssertionError(f"{cmd} ran past {timeout}s; output:\n{out[-12000:]}")
     if wait_for:
         while time.monotonic() - start < timeout and not all(p.exists() for p in wait_for):
             time.sleep(0.5)
     _kill(proc)
     return proc.returncode, out, time.monotonic() - start
+
+
+def _dump_stacks(proc: subprocess.Popen) -> None:
+    """SIGABRT the session: with PYTHONFAULTHANDLER set (env()), each Python process prints every thread's stack."""
+    try:
+        os.killpg(proc.pid, signal.SIGABRT)
+        time.sleep(3)
+    except ProcessLookupError:
+        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:
