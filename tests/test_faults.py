@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,13 +17,9 @@ from dana_runner import train  # noqa: E402
 def test_a_killed_worker_does_not_stop_the_run(tmp_path: Path) -> None:
     """Rank 2 is SIGKILLed mid-epoch: the master deals its batches to the others and the run finishes."""
     trace = tmp_path / "trace"
-    os.environ["DANA_TEST_TRACE"] = str(trace)  # read by the training script's ranks (dana_runner copies os.environ)
-    try:
-        result = train(tmp_path, "--epochs", "3", "--kill-rank", "2", "--kill-step", "4", "--timeout", "60",
-                       "--slow", "0.02", "--checkpoint-every", "4", "--master-checkpoint-every", "8",
-                       devices=3, timeout=300)
-    finally:
-        del os.environ["DANA_TEST_TRACE"]
+    result = train(tmp_path, "--epochs", "3", "--kill-rank", "2", "--kill-step", "4", "--timeout", "60",
+                   "--slow", "0.02", "--checkpoint-every", "4", "--master-checkpoint-every", "8",
+                   devices=3, timeout=300, extra_env={"DANA_TEST_TRACE": str(trace)})  # every rank appends its pushes
     rank0, rank1, rank2 = result["ranks"]
     assert rank2 is None  # SIGKILLed
     r0, r1 = rank0["dana"], rank1["dana"]

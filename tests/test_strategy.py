@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -110,11 +109,8 @@ def test_early_stopping_on_rank_0_stops_every_worker(tmp_path: Path) -> None:
 
 def test_validation_on_rank_0_does_not_hold_the_other_workers(tmp_path: Path) -> None:
     """Rank 0 validates for seconds at each epoch end; meanwhile the master applies the others' pushes."""
-    os.environ["DANA_TEST_VAL_SLEEP"] = "1.0"  # per validation batch (two batches): read by the script's ranks
-    try:
-        run = train(tmp_path, "--epochs", "3", "--slow", "0.02", devices=3, timeout=300)
-    finally:
-        del os.environ["DANA_TEST_VAL_SLEEP"]
+    run = train(tmp_path, "--epochs", "3", "--slow", "0.02", devices=3, timeout=300,
+                extra_env={"DANA_TEST_VAL_SLEEP": "1.0"})  # per validation batch (two batches), on rank 0
     assert run["rc"] == 0, run["output"][-4000:]
     r0 = run["ranks"][0]["dana"]
     first = r0["validations"][0]
@@ -163,11 +159,8 @@ def test_last_checkpoint_holds_the_final_master_when_rank_0_takes_no_batch_in_th
     """Rank 0 validates for seconds after epoch 0 while the others take every batch of epoch 1, so rank 0's
     own global_step does not move in epoch 1; ModelCheckpoint must still save the master's final model
     (it skipped the save and left last.ckpt one epoch behind, seen under load in the spawn test)."""
-    os.environ["DANA_TEST_VAL_SLEEP"] = "1.5"  # per validation batch: read by the script's rank 0
-    try:
-        run = train(tmp_path, "--epochs", "2", "--checkpoint-every", "1000", devices=3, timeout=300)
-    finally:
-        del os.environ["DANA_TEST_VAL_SLEEP"]
+    run = train(tmp_path, "--epochs", "2", "--checkpoint-every", "1000", devices=3, timeout=300,
+                extra_env={"DANA_TEST_VAL_SLEEP": "1.5"})  # per validation batch, on rank 0
     assert run["rc"] == 0, run["output"][-4000:]
     r0 = run["ranks"][0]["dana"]
     checkpoint = torch.load(r0["last_ckpt"], weights_only=False)

@@ -50,14 +50,15 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: float, cwd: Path = ROOT, wait_for: list[Path] | None = None) -> tuple[int, str, float]:
+def run(cmd: list[str], timeout: float, cwd: Path = ROOT, wait_for: list[Path] | None = None,
+        extra_env: dict[str, str] | None = None) -> tuple[int, str, float]:
     """Run ``cmd`` in its own session; kill the whole session at the end (orphaned ranks included).
 
     ``wait_for``: files to wait for (up to ``timeout``) after the main process exits, for ranks
     that outlive it (when rank 0 is killed).
     """
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -89,7 +90,8 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: list[int] | None = None) -> dict[str, Any]:
+def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ranks: list[int] | None = None,
+          extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run tests/scripts/dana_train.py; return {'rc', 'output', 'seconds', 'ranks': [rank0 json, rank1 json, ...]}.
 
     ``wait_ranks``: ranks whose report to wait for after the main process ended (they may outlive it).
@@ -98,7 +100,8 @@ def train(tmp: Path, *args: str, devices: int = 3, timeout: float = 240, wait_ra
     out = tmp / "out.json"
     cmd = [PYTHON, str(SCRIPTS / "dana_train.py"), "--root", str(tmp), "--out", str(out), "--devices", str(devices), *args]
     files = [out] + [Path(f"{out}.rank{r}") for r in range(1, devices)]
-    rc, output, seconds = run(cmd, timeout, wait_for=[files[r] for r in wait_ranks] if wait_ranks else None)
+    rc, output, seconds = run(cmd, timeout, wait_for=[files[r] for r in wait_ranks] if wait_ranks else None,
+                              extra_env=extra_env)
     ranks = [json.loads(f.read_text()) if f.exists() else None for f in files]
     return {"rc": rc, "output": output, "seconds": seconds, "ranks": ranks}
 
