@@ -300,9 +300,8 @@ def run_one(spec: RunSpec, recipe: Recipe, data_dir: str, gap_dir: str | None) -
 
 
 def refused_pushes(strategy) -> int:
-    """NaN/Inf pushes the master refused: ParameterServer.refused, or the shared core's MasterState's."""
-    state = getattr(strategy, "server", None) or getattr(getattr(strategy, "_core", None), "state", None)
-    return getattr(state, "refused", 0)
+    """NaN/Inf pushes the master refused (the shared core's MasterState counts them)."""
+    return getattr(getattr(getattr(strategy, "_core", None), "state", None), "refused", 0)
 
 
 def build_task(recipe: Recipe, scale: int, data_dir: str):

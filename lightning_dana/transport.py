@@ -75,6 +75,12 @@ def _timeout_error(what: str, timeout: float, error: BaseException) -> Transport
     return TransportError(f"lost the connection while waiting for {what}: {text.strip()}")
 
 
+def _start_error(what: str, peer: int, error: BaseException) -> TransportError:
+    """An operation refused at its start: the pair already holds an error (its peer died, or an earlier
+    wait timed out), which is not a timeout of this operation."""
+    return TransportError(f"could not start {what} rank {peer}, its connection is broken: {str(error).strip()}")
+
+
 class GlooTransport(Transport):
     """torch.distributed point-to-point, one gloo group per worker ``[0, i]``."""
 
@@ -90,13 +96,13 @@ class GlooTransport(Transport):
         try:
             return dist.isend(tensor, peer, group=self._group(peer, tag), tag=tag)
         except RuntimeError as error:  # gloo raises at once on a pair whose peer is already gone
-            raise _timeout_error(f"a send to rank {peer} to start", 0, error) from error
+            raise _start_error("a send to", peer, error) from error
 
     def irecv(self, tensor: Tensor, peer: int, tag: int) -> Any:
         try:
             return dist.irecv(tensor, peer, group=self._group(peer, tag), tag=tag)
         except RuntimeError as error:
-            raise _timeout_error(f"a receive from rank {peer} to start", 0, error) from error
+            raise _start_error("a receive from", peer, error) from error
 
     def wait(self, handle: Any, timeout: float, what: str) -> None:
         try:

@@ -19,7 +19,8 @@ PYTHON = sys.executable
 
 
 _PORTS = random.SystemRandom()  # not the seeded `random`: after seed_everything(0) in two pytest workers, the
-# module-level generator gives both the same "random" ports, and two stores on one port hang both runs
+# module-level generator gives both the same "random" ports; the second rank 0 then fails to bind, and its
+# other ranks can join the first run's rendezvous (the likely cause of a CI run that hung there)
 
 
 def free_port() -> int:
