@@ -160,7 +160,6 @@ class GapMonitor(Callback):
         self.logging_interval = logging_interval
         self.prog_bar = prog_bar
         self.history: list[dict[str, float]] = []
-        self._pending: list[Any] = []
         self._since = time.monotonic()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -168,16 +167,16 @@ class GapMonitor(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         drain = getattr(trainer.strategy, "drain_push_records", None)
-        if drain is None:
-            return
-        self._pending.extend(drain())
         interval = self.logging_interval or trainer.log_every_n_steps
-        if not trainer.is_global_zero or not self._pending or trainer.global_step % max(interval, 1):
+        if drain is None or trainer.global_step % max(interval, 1):
             return
-        metrics = self.summarize(self._pending, time.monotonic() - self._since)
+        records = drain()  # only here: reading the simulated master's gaps waits for the device
+        if not trainer.is_global_zero or not records:
+            return
+        metrics = self.summarize(records, time.monotonic() - self._since)
         metrics["step"] = float(trainer.global_step)
         self.history.append(metrics)
-        self._pending, self._since = [], time.monotonic()
+        self._since = time.monotonic()
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=trainer.global_step)
         if self.prog_bar:

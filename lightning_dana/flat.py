@@ -49,6 +49,8 @@ class FlatModel:
         #: trailing buffer values that count (the master adds their changes instead of taking them)
         self.counter_numel = sum(b.numel() for b in self.buffers if not b.dtype.is_floating_point)
         self.buffer_sizes = [b.numel() for b in self.buffers]
+        self._stats = [b for b in self.buffers if b.dtype.is_floating_point]
+        self._counters = self.buffers[len(self._stats) :]
         self.buffer_numel = sum(self.buffer_sizes)
         self.payload_numel = self.numel + self.buffer_numel
 
@@ -71,25 +73,36 @@ class FlatModel:
     def read_grads(self, out: Tensor | None = None) -> Tensor:
         """Flat gradient; a parameter that got no gradient this step contributes zeros."""
         out = self.empty(self.numel) if out is None else out
+        views, grads = [], []
         for view, p in zip(out.split(self.sizes), self.params):
             if p.grad is None:
                 view.zero_()
             else:
-                view.copy_(p.grad.reshape(-1))
+                views.append(view)
+                grads.append(p.grad.reshape(-1))
+        if views:  # one fused copy: per-tensor copies cost a kernel launch each on a GPU
+            torch._foreach_copy_(views, grads)
         return out
 
     # buffers ------------------------------------------------------------------------
     @torch.no_grad()
     def read_buffers(self, out: Tensor | None = None) -> Tensor:
         out = self.empty(self.buffer_numel) if out is None else out
-        for view, b in zip(out.split(self.buffer_sizes), self.buffers):
-            view.copy_(b.reshape(-1))
+        split = self.buffer_numel - self.counter_numel
+        # one fused copy per dtype (a copy that converts falls back to one kernel per tensor on a GPU)
+        if self._stats:
+            _copy(out[:split], self._stats)
+        if self._counters:
+            out[split:].copy_(_copy(torch.empty(self.counter_numel, dtype=torch.int64, device=out.device), self._counters))
         return out
 
     @torch.no_grad()
     def write_buffers(self, flat: Tensor) -> None:
-        for view, b in zip(flat.split(self.buffer_sizes), self.buffers):
-            b.copy_(_as_buffer(view, b))
+        split = self.buffer_numel - self.counter_numel
+        if self._stats:
+            _copy(self._stats, flat[:split])
+        if self._counters:  # counters travelled as floating point
+            _copy(self._counters, flat[split:].round().to(torch.int64))
 
     # checkpoints --------------------------------------------------------------------
     @torch.no_grad()
@@ -143,6 +156,17 @@ class GroupExpander:
 
 def optimizer_values(optimizer: Optimizer, key: str) -> list[float]:
     return [float(g.get(key, 0.0)) for g in optimizer.param_groups]
+
+
+def _copy(dst: Tensor | list[Tensor], src: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    """Copy between a flat tensor and a list of tensors (either way round), in one fused copy."""
+    if isinstance(dst, Tensor):
+        assert isinstance(src, list)
+        torch._foreach_copy_(list(dst.split([t.numel() for t in src])), [t.reshape(-1) for t in src])
+    else:
+        assert isinstance(src, Tensor)
+        torch._foreach_copy_(dst, [v.view_as(t) for v, t in zip(src.split([t.numel() for t in dst]), dst)])
+    return dst
 
 
 def _as_buffer(view: Tensor, buffer: Tensor) -> Tensor:

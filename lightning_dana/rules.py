@@ -579,8 +579,13 @@ def check_algorithm(algorithm: str) -> str:
 def layer_gap(diff: Tensor, sizes: list[int]) -> Tensor:
     """G(Δθ) = Σ over layers of ‖ψ‖/√m (section 3), one layer per parameter tensor."""
     norms = torch._foreach_norm(list(diff.split(sizes)))
-    scale = diff.new_tensor([m**-0.5 for m in sizes])
-    return torch.dot(torch.stack(norms), scale)
+    return torch.dot(torch.stack(norms), _inverse_sqrt(tuple(sizes), diff.dtype, diff.device))
+
+
+@lru_cache(maxsize=16)
+def _inverse_sqrt(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1/√m per layer, made once: building it per push would copy it to the device every time."""
+    return torch.tensor([m**-0.5 for m in sizes], dtype=dtype, device=device)
 
 
 def _sub_scaled(target: Tensor, update: Tensor, lr: LR) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
@@ -31,7 +31,7 @@ from lightning_dana.compat import ONE_OPTIMIZER, one_optimizer
 from lightning_dana.core import DanaCore
 from lightning_dana.rules import check_algorithm
 from lightning_dana.schedules import make_schedule
-from lightning_dana.state import MasterState, PushRecord, RefusedPushError
+from lightning_dana.state import DeviceRead, MasterState, PushRecord, RefusedPushError, resolve_gaps
 from lightning_dana.worker import StepProxy
 
 
@@ -78,6 +78,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self._fit_done = False
         self._records: deque[PushRecord] = deque(maxlen=100_000)  # bounded if nobody drains
         self._active: int | None = None
+        self._pending: _Pending | None = None
 
     # set-up -------------------------------------------------------------------------
     @override
@@ -112,7 +113,8 @@ class SimulatedWorkers(SingleDeviceStrategy):
         self._pulled = core.empty().repeat(self.num_workers, 1)
         for w in range(self.num_workers):
             core.state.pull(w, self._pulled[w])
-        self._push = core.empty()
+        self._pushes = [core.empty(), core.empty()]  # the pending push and the one being computed
+        self._pending = None
         self._optimizer = optimizer
         # dana: every worker runs its own copy of the user's optimizer state
         self._worker_states = [optimizer.state] + [defaultdict(dict) for _ in range(self.num_workers - 1)]
@@ -130,6 +132,8 @@ class SimulatedWorkers(SingleDeviceStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._active is None:
             self._active = self.schedule.next_worker()
+        if self._pending is not None and self._pending.worker == self._active:
+            self._settle()  # this worker computes on the reply to its pending push
         self._core.load(self._pulled[self._active])
         if self._core.worker.pushes_step:
             self._optimizer.state = self._worker_states[self._active]
@@ -142,12 +146,28 @@ class SimulatedWorkers(SingleDeviceStrategy):
         return super().optimizer_step(self._proxy, closure, model, **kwargs)
 
     def _push_pull(self) -> None:
-        core, worker, pulled = self._core, self._active, self._pulled[self._active]
-        assert core.state is not None
+        """Compute this step's push, then apply the previous step's: the master's checks read values
+        from the device, and by now this step's forward and backward are queued, so it never idles."""
+        core, worker = self._core, self._active
+        assert core.state is not None and worker is not None
+        push = self._pushes[0] if self._pending is None or self._pending.push is self._pushes[1] else self._pushes[1]
         lrs = core.worker.lrs()
-        core.worker.compute(pulled, self._push)
+        core.worker.compute(self._pulled[worker], push)
+        read = core.state.reductions(push)
+        self._settle()
+        self._pending = _Pending(worker, push, lrs, read)
+        self._active = None
+
+    def _settle(self) -> None:
+        """Apply the pending push (the same pushes in the same order as applying each at once)."""
+        if self._pending is None:
+            return
+        core, (worker, push, lrs, read) = self._core, self._pending
+        self._pending = None
+        assert core is not None and core.state is not None
+        pulled = self._pulled[worker]
         try:
-            self._records.append(core.state.serve(worker, self._push, lrs, out=pulled, pulled=pulled))
+            self._records.append(core.state.serve(worker, push, lrs, out=pulled, pulled=pulled, read=read, defer=True))
         except RefusedPushError as err:
             reset = core.after_refusal(self._worker_states[worker])
             rank_zero_warn(
@@ -155,12 +175,21 @@ class SimulatedWorkers(SingleDeviceStrategy):
                 + ("; its optimizer state held NaN/Inf and was reset" if reset else "")
             )
             core.state.pull(worker, pulled)
-        self._active = None
+        if len(self._records) % 1024 == 0:  # keep few device scalars alive when nobody drains
+            resolve_gaps(self._records)
+
+    def _settled_state(self) -> MasterState | None:
+        """The master with every push applied and verified: what anything outside the steps must see."""
+        if self._core is None or self._core.state is None:
+            return None
+        self._settle()
+        self._core.state.verify()
+        return self._core.state
 
     # the master's parameters outside training ------------------------------------
     def _load_master(self) -> None:
-        if self._core is not None and self._core.state is not None:
-            self._core.load(self._core.state.eval_payload())
+        if (state := self._settled_state()) is not None:
+            self._core.load(state.eval_payload())
 
     @override
     def on_validation_start(self) -> None:
@@ -195,9 +224,9 @@ class SimulatedWorkers(SingleDeviceStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
-        if self._core is None or self._core.state is None or self._fit_done:
+        if self._fit_done or (master := self._settled_state()) is None:
             return state
-        return self._core.module_state_dict(self._core.state.eval_payload(), state)
+        return self._core.module_state_dict(master.eval_payload(), state)
 
     # checkpoints --------------------------------------------------------------------
     @override
@@ -213,10 +242,10 @@ class SimulatedWorkers(SingleDeviceStrategy):
             self._load_state_dict(checkpoint["simulated_workers"])
 
     def _state_dict(self) -> dict[str, Any]:
-        core = self._core
-        assert core is not None and core.state is not None
+        core, state = self._core, self._settled_state()
+        assert core is not None and state is not None
         return core.checkpoint(
-            core.state.state_dict(),
+            state.state_dict(),
             schedule=self.schedule.state_dict(),
             pulled=self._pulled.clone(),
             active=self._active,
@@ -235,6 +264,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
                 f"num_workers={state['num_workers']}); resume with the same algorithm and num_workers"
             )
         core.state.load_state_dict(core.resumable_master(state))
+        self._pending = None
         self.schedule.load_state_dict(state["schedule"])
         self._pulled.copy_(state["pulled"])
         self._active = state["active"]
@@ -258,7 +288,7 @@ class SimulatedWorkers(SingleDeviceStrategy):
     # what the callbacks read ---------------------------------------------------------
     def drain_push_records(self) -> list[PushRecord]:
         """Pushes applied since the last call: worker, lag τ, gap G and time of each."""
-        records = list(self._records)
+        records = resolve_gaps(self._records)
         self._records.clear()
         return records
 
@@ -270,11 +300,20 @@ class SimulatedWorkers(SingleDeviceStrategy):
     @property
     def master_state(self) -> MasterState | None:
         """The master's state (rule, version, buffers) during and after ``fit``."""
-        return self._core.state if self._core is not None else None
+        return self._settled_state()
 
     @property
     def simulated_time(self) -> float:
         return self.schedule.clock
+
+
+class _Pending(NamedTuple):
+    """A push computed but not yet applied: who pushed, the payload, the lrs in force, its checks' read."""
+
+    worker: int
+    push: torch.Tensor
+    lrs: list[float]
+    read: DeviceRead
 
 
 def _rng_states() -> dict[str, Any]:

@@ -104,6 +104,16 @@ def test_lag_and_gap_reach_the_logger(tmp_path):
     assert len(monitor.history) == 8
 
 
+
+def test_every_push_is_applied_and_recorded_though_the_master_applies_each_one_step_late():
+    monitor = GapMonitor(logging_interval=3)
+    t, model = fit(SimulatedWorkers(4, "dana_ga", schedule="gamma"), epochs=2, callbacks=[monitor])
+    assert t.strategy.master_state.version == t.global_step  # the last step's push too
+    rest = t.strategy.drain_push_records()
+    assert sum(h["dana/pushes"] for h in monitor.history) + len(rest) == t.global_step
+    assert all(isinstance(r.gap, float) and r.gap > 0 for r in rest)
+    assert torch.equal(flat_params(model), t.strategy.master_state.rule.eval_params())
+
 def test_lag_and_gap_are_logged_without_asking(tmp_path):
     t, _ = fit(SimulatedWorkers(2, "dana"), epochs=1, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=4)
     assert sum(isinstance(c, GapMonitor) for c in t.callbacks) == 1

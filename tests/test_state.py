@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lightning_dana.flat import FlatModel
-from lightning_dana.rules import ALGORITHMS, layer_gap, make_rule
-from lightning_dana.state import MasterState, RefusedPushError
+from lightning_dana.rules import ALGORITHMS, ASGD, layer_gap, make_rule
+from lightning_dana.state import MasterDivergedError, MasterState, RefusedPushError, resolve_gaps
 from lightning_dana.worker import Worker
 
 F64 = torch.float64
@@ -267,6 +267,55 @@ def test_non_finite_push_is_refused_and_changes_nothing(algorithm, bad, where):
     cluster.step(1)  # and the master goes on
     assert cluster.server.version == 4
 
+
+
+# ---------------------------------------------------------------------------------------
+# deferred pushes (the simulated workers' path: no wait for the device per push)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["dana", "dana_ga", "dc_asgd"])
+def test_deferred_pushes_apply_exactly_as_eager_ones_and_resolve_the_same_gaps(algorithm):
+    eager, deferred = Cluster(algorithm, 3), Cluster(algorithm, 3)
+    order = [0, 1, 2, 2, 0, 1, 1, 0, 2]
+    want = [eager.step(i) for i in order]
+    got = []
+    for i in order:
+        push, pulled = deferred.push_of(i), deferred.pulls[i].clone()
+        read = deferred.server.reductions(push)
+        got.append(deferred.server.serve(i, push, deferred.lr, deferred.pulls[i], pulled, read=read, defer=True))
+    assert all(isinstance(r.gap, torch.Tensor) for r in got)
+    resolve_gaps(got)
+    assert [(r.worker, r.lag, r.gap) for r in got] == [(r.worker, r.lag, r.gap) for r in want]
+    assert torch.equal(deferred.server.eval_payload(), eager.server.eval_payload())
+
+
+class _Exploding(ASGD):
+    """A rule whose second apply makes the master NaN: what a diverging run does, on demand."""
+
+    def apply(self, worker, push, lr):
+        super().apply(worker, push, lr)
+        if worker == 1:
+            self.theta[0] = float("nan")
+
+
+@pytest.mark.parametrize("look", ["push", "verify", "eval_payload", "state_dict"])
+def test_a_deferred_push_that_makes_the_master_non_finite_is_reported_at_the_next_look(look):
+    server = MasterState(_Exploding(torch.ones(5, dtype=F64), 2), SIZES, torch.zeros(0, dtype=F64))
+    push = torch.full((5,), 0.1, dtype=F64)
+    server.push(0, push, 0.1, defer=True)
+    server.push(1, push, 0.1, defer=True)  # the master is NaN from here, and nothing has read it yet
+    with pytest.raises(MasterDivergedError, match=r"after a push of worker 1 \(version 1\)"):
+        if look == "push":
+            server.push(0, push, 0.1, defer=True)
+        else:
+            getattr(server, look)()
+
+
+def test_an_eager_push_that_makes_the_master_non_finite_raises_at_once():
+    server = MasterState(_Exploding(torch.ones(5, dtype=F64), 2), SIZES, torch.zeros(0, dtype=F64))
+    push = torch.full((5,), 0.1, dtype=F64)
+    server.push(0, push, 0.1)
+    with pytest.raises(MasterDivergedError, match=r"after a push of worker 1 \(version 1\)"):
+        server.push(1, push, 0.1)
 
 def test_wrong_size_push_is_refused():
     cluster = Cluster("dana_zero", 2, buffers=torch.zeros(3, dtype=F64))
