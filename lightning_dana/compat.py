@@ -118,6 +118,13 @@ def requested_devices(trainer: pl.Trainer) -> int:
         return 1
 
 
+def forget_train_data(trainer: pl.Trainer) -> None:
+    """Make the fit loop build its training DataLoader again when it starts. ``configure_optimizers``
+    may have built it already (``trainer.estimated_stepping_batches`` does), before the strategy could
+    deal its batches; ``FitLoop.setup_data`` returns early while ``FitLoop._combined_loader`` is set."""
+    trainer.fit_loop._combined_loader = None
+
+
 def unrepeated(dataloader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
     """Lightning gives validate/test a ``DistributedSampler``, which pads the last shard with repeated
     samples (it warns so); Lightning's own ``UnrepeatedDistributedSamplerWrapper`` (what it uses for

@@ -39,7 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 import pytorch_lightning as pl
-from lightning_dana import compat
+from lightning_dana import compat, pacing
 from lightning_dana.callbacks import MasterView, ensure_gap_monitor
 from lightning_dana.client import LocalClient, MasterClient, RemoteClient, TrainingAborted
 from lightning_dana.core import DanaCore
@@ -262,6 +262,7 @@ class DANAStrategy(DDPStrategy):
         else:
             self._client = RemoteClient(transport, rank, groups, self.timeout_s, self.idle_timeout_s + self.timeout_s)
         self._go_async(trainer)
+        compat.forget_train_data(trainer)  # built again, now dealt by the master
         ensure_gap_monitor(trainer)
         if torch.are_deterministic_algorithms_enabled() and master:  # Trainer(deterministic=True) set it
             warnings.warn(
@@ -290,6 +291,7 @@ class DANAStrategy(DDPStrategy):
 
     def _leave_async(self, trainer: pl.Trainer) -> None:
         self._async = False
+        pacing.unpace(trainer.lr_scheduler_configs)
         compat.restore_sigterm_check(trainer)
         compat.set_metric_sync(self.lightning_module, True)
         if self._limit_val_batches is not None:
@@ -299,6 +301,18 @@ class DANAStrategy(DDPStrategy):
         self._rank0_callbacks = []
 
     # --------------------------------------------------------------- training data
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """During fit nothing is sharded by rank: rank 0 validates the master's model on the whole
+        validation set (the others do not validate), the master deals the training batches, and
+        ``trainer.estimated_stepping_batches`` counts the steps of one worker (the master's pushes).
+        Outside fit, evaluation is sharded by rank as under DDP."""
+        module = self.lightning_module
+        if module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            return {"num_replicas": 1, "rank": 0}
+        return super().distributed_sampler_kwargs
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """The training DataLoader takes its batches from the master (in place of a DistributedSampler);
@@ -337,6 +351,20 @@ class DANAStrategy(DDPStrategy):
         self._training = True
         self._client.pull(self._pulled)
         self._core.load(self._pulled)
+        self._pace_schedulers(self.lightning_module.trainer)
+
+    def _pace_schedulers(self, trainer: pl.Trainer) -> None:
+        """Per-step LR schedulers follow the master's pushes (pacing.py), as one worker's would."""
+        client = self._client
+        assert client is not None
+        unpaced = pacing.pace(trainer.lr_scheduler_configs, lambda: client.version)
+        if unpaced and self.global_rank == 0:
+            names = ", ".join(sorted({type(s).__name__ for s in unpaced}))
+            warnings.warn(
+                f"strategy={self.strategy_name!r}: the per-step LR scheduler(s) {names} cannot follow the master's "
+                "pushes (ReduceLROnPlateau, or no integer `last_epoch`), so each steps with its own worker's steps, "
+                "about 1/N of one worker's: use a torch.optim.lr_scheduler.LRScheduler, or interval='epoch'"
+            )
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -347,6 +375,7 @@ class DANAStrategy(DDPStrategy):
             self._core.load(self._pulled)
             self._shows_master = False
         self._batches += 1
+        pacing.catch_up(self.lightning_module.trainer.lr_scheduler_configs)  # to the pull this step computes on
 
     @override
     def optimizer_step(

@@ -134,6 +134,34 @@ def test_gradual_warmup_follows_the_masters_pushes(tmp_path: Path) -> None:
     assert [r["dana"]["final_lr"] for r in run["ranks"]] == [pytest.approx(0.1)] * 3
 
 
+def test_per_step_schedules_follow_the_master_and_rank_0_validates_every_sample(tmp_path: Path) -> None:
+    """OneCycleLR sized by trainer.estimated_stepping_batches in configure_optimizers, as users write it:
+    the estimate is one worker's step count, the training batches are still dealt (the estimate built the
+    DataLoader before the master could deal it: that hung the run), and at every step of every worker the
+    lr is the schedule's lr at the master's push count (stepped by its own steps, a worker would reach about
+    1/N of the schedule). Rank 0 validates the master on the whole validation set, not a 1/N shard."""
+    run = train(tmp_path, "--epochs", "2", "--onecycle", devices=3)
+    assert run["rc"] == 0, run["output"][-4000:]
+    total = 2 * 384 // 16
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+    schedule = [opt.param_groups[0]["lr"]]
+    for _ in range(total):
+        opt.step()
+        sched.step()
+        schedule.append(opt.param_groups[0]["lr"])
+    for rank in run["ranks"]:
+        r = rank["dana"]
+        assert r["stepping_batches"] == total
+        assert [lr for _, lr in r["lrs"]] == [pytest.approx(schedule[v], rel=1e-9) for v, _ in r["lrs"]]
+    assert max(v for rank in run["ranks"] for v, _ in rank["dana"]["lrs"]) > total // 2
+    counts = Counter(i for rank in run["ranks"] for _, batch in rank["dana"]["trained"] for i in batch)
+    assert sorted(counts) == list(range(384)) and set(counts.values()) == {2}
+    validated = [Counter(rank["dana"]["validated"]) for rank in run["ranks"]]
+    assert sorted(validated[0]) == list(range(128)) and set(validated[0].values()) == {2}  # 2 epochs, all samples
+    assert validated[1:] == [Counter(), Counter()]
+
 def test_dataloader_worker_processes_and_prefetching(tmp_path: Path) -> None:
     """DataLoader(num_workers=2, persistent_workers=True) prefetches dealt batches ahead: still once each."""
     run = train(tmp_path, "--epochs", "2", "--loader-workers", "2", devices=2)

@@ -44,13 +44,17 @@ class Tiny(pl.LightningModule):
     """Linear -> BatchNorm -> ReLU -> Linear: BatchNorm buffers travel with the pushes."""
 
     def __init__(self, lr: float = 0.1, optimizer: str = "sgd", nan_rank: int = -1, nan_step: int = -1,
-                 kill_rank: int = -1, kill_step: int = -1, slow: float = 0.0, slow_rank: int = -1) -> None:
+                 kill_rank: int = -1, kill_step: int = -1, slow: float = 0.0, slow_rank: int = -1,
+                 onecycle: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
         self.steps = 0
         self.trained: list[tuple[int, list[int]]] = []  # (epoch, sample indices) of every batch
         self.tested: list[int] = []  # sample indices this rank evaluated in trainer.test
+        self.validated: list[int] = []  # sample indices this rank validated during fit (sanity check excluded)
+        self.lrs: list[tuple[int, float]] = []  # (the master's pushes at this step's pull, lr) of every step
+        self.stepping_batches: float | None = None  # trainer.estimated_stepping_batches, as configure_optimizers saw it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -65,6 +69,8 @@ class Tiny(pl.LightningModule):
             time.sleep(h.slow)
         x, y, index = batch
         self.trained.append((self.current_epoch, index.tolist()))
+        progress = self.trainer.strategy.progress()
+        self.lrs.append((progress[0] if progress else -1, self.trainer.optimizers[0].param_groups[0]["lr"]))
         loss = nn.functional.cross_entropy(self(x), y)
         if rank == h.nan_rank and self.steps == h.nan_step:
             loss = loss * float("nan")
@@ -86,7 +92,9 @@ class Tiny(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if VAL_SLEEP and not self.trainer.sanity_checking:
             time.sleep(VAL_SLEEP)  # a long validation on rank 0: the other workers must not wait for it
-        x, y, _ = batch
+        x, y, index = batch
+        if not self.trainer.sanity_checking:
+            self.validated.extend(index.tolist())
         self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
         self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True, prog_bar=True)
 
@@ -94,6 +102,10 @@ class Tiny(pl.LightningModule):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        if self.hparams.onecycle:  # a per-step schedule sized by Lightning's own step estimate, as users write it
+            self.stepping_batches = self.trainer.estimated_stepping_batches
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=int(self.stepping_batches))
+            return [opt], [{"scheduler": sched, "interval": "step"}]
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.5)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -146,6 +158,7 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=0, help="after fit, trainer.test on this many samples")
     p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
     p.add_argument("--start-method", default="popen")
+    p.add_argument("--onecycle", action="store_true", help="OneCycleLR per step over trainer.estimated_stepping_batches")
     p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
     args = p.parse_args()
 
@@ -181,7 +194,7 @@ class StartState(Callback):
 def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     pl.seed_everything(0, workers=True)
     model = Tiny(args.lr, args.optimizer, args.nan_rank, args.nan_step, args.kill_rank, args.kill_step, args.slow,
-                 args.slow_rank)
+                 args.slow_rank, args.onecycle)
     if args.strategy_name:
         strategy: Any = algorithm
     else:
@@ -233,6 +246,9 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
     result["buffers"] = {n: b.reshape(-1).tolist() for n, b in model.named_buffers()}
     result["start"] = start_state.state
     result["trained"] = model.trained
+    result["lrs"] = model.lrs
+    result["validated"] = model.validated
+    result["stepping_batches"] = model.stepping_batches
     result["lost_workers"] = {str(k): v for k, v in trainer.strategy.lost_workers.items()}
     if args.checkpoint_every:
         result["last_ckpt"] = os.path.join(args.root, "ckpts", "last.ckpt")
