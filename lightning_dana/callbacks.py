@@ -170,7 +170,15 @@ class GapMonitor(Callback):
         interval = self.logging_interval or trainer.log_every_n_steps
         if drain is None or trainer.global_step % max(interval, 1):
             return
-        records = drain()  # only here: reading the simulated master's gaps waits for the device
+        self._log(trainer, pl_module, drain())  # only here: reading the simulated master's gaps waits for the device
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The pushes since the last logging step (the master applied them all by now) are logged too."""
+        drain = getattr(trainer.strategy, "drain_push_records", None)
+        if drain is not None:
+            self._log(trainer, pl_module, drain(), prog_bar=False)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[Any], prog_bar: bool = True) -> None:
         if not trainer.is_global_zero or not records:
             return
         metrics = self.summarize(records, time.monotonic() - self._since)
@@ -179,7 +187,7 @@ class GapMonitor(Callback):
         self._since = time.monotonic()
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=trainer.global_step)
-        if self.prog_bar:
+        if self.prog_bar and prog_bar:  # self.log is not allowed in on_train_end
             shown = {"lag": metrics["dana/lag_mean"]}
             if "dana/gap_mean" in metrics:
                 shown["gap"] = metrics["dana/gap_mean"]

@@ -63,9 +63,11 @@ class MasterClient:
         header = Header.for_payload(Msg.PUSH, self.rank, payload, batches=batches, lrs=list(lrs))
         return self._expect(self._request(header, payload, out), (Msg.REPLY, Msg.REFUSED))
 
-    def deal(self, epoch: int) -> Deal:
-        """The next batch of this worker's epoch ``epoch`` (or the end of that epoch, or of the run)."""
-        kind = self._expect(self._request(Header(Msg.DEAL, self.rank, epoch=epoch), None, None), (Msg.BATCH, Msg.EPOCH_END, Msg.STOP))
+    def deal(self, epoch: int, new_pass: bool = False) -> Deal:
+        """The next batch of this worker's epoch ``epoch`` (or the end of that epoch, or of the run).
+        ``new_pass``: the first request of a new iterator over the DataLoader (see Msg.DEAL)."""
+        header = Header(Msg.DEAL, self.rank, epoch=epoch, code=int(new_pass))
+        kind = self._expect(self._request(header, None, None), (Msg.BATCH, Msg.EPOCH_END, Msg.STOP))
         if kind == Msg.BATCH:
             return Deal(DealKind.BATCH, self._reply.epoch, tuple(self._indices))
         return Deal(DealKind.EPOCH_END if kind == Msg.EPOCH_END else DealKind.STOP, self._reply.epoch)

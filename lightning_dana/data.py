@@ -33,8 +33,10 @@ class DealtBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.current_epoch()
+        new_pass = True  # an iterator abandoned before its end (a DataLoader made again) leaves its batches
         while not self.client.stop:
-            deal = self.client.deal(epoch)
+            deal = self.client.deal(epoch, new_pass)
+            new_pass = False
             if deal.kind is not DealKind.BATCH:
                 return
             yield list(deal.indices)

@@ -163,6 +163,16 @@ class BatchDealer:
     def stop(self) -> None:
         self.stopped = True
 
+    def take_over(self, other: BatchDealer) -> None:
+        """Go on dealing where the live ``other`` is, its batches in flight included (the training
+        DataLoader was made again during the run: ``reload_dataloaders_every_n_epochs``). Unlike
+        :meth:`load_state_dict`, outstanding batches stay with their workers, which are training them."""
+        self.epoch, self.cursor, self.dealt, self.stopped = other.epoch, other.cursor, other.dealt, other.stopped
+        self.returned = deque(other.returned)
+        self.outstanding = {w: deque(queue) for w, queue in other.outstanding.items()}
+        self.trained = dict(other.trained)
+        self._orders = dict(other._orders)
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """What resuming needs; batches outstanding at save time are dealt again after resume."""

@@ -42,7 +42,9 @@ class Msg(IntEnum):
     # worker -> master
     PUSH = 1  # a push; payload: the flat buffer the rule expects; reply: REPLY/REFUSED with the next pull
     PULL = 2  # this worker's parameters (start of training); reply: REPLY with them
-    DEAL = 3  # the next batch of the worker's epoch ``epoch``; reply: BATCH, EPOCH_END or STOP
+    DEAL = 3  # the next batch of the worker's epoch ``epoch`` (code 1: the first of a new pass over the
+    #           worker's DataLoader, so what it was dealt before and has not pushed was abandoned); reply:
+    #           BATCH, EPOCH_END or STOP
     DONE = 4  # this worker stopped (code 0: finished, 1: failed); reply: FINAL (finished) or nothing
     EVAL = 5  # the master's model as it is now (for epoch-end callbacks such as SWA); reply: REPLY with it
     # master -> worker

@@ -100,9 +100,10 @@ class MasterService:
     # ------------------------------------------------------------------- control
     def set_dealer(self, dealer: BatchDealer) -> None:
         with self.lock:
-            position = self.dealer.state_dict() if self.dealer is not None else self._resumed_dealer
-            if position is not None:  # reloaded dataloaders, or a resumed run: keep the dealing position
-                dealer.load_state_dict(position)
+            if self.dealer is not None:  # the DataLoader was made again: go on, batches in flight included
+                dealer.take_over(self.dealer)
+            elif self._resumed_dealer is not None:  # a resumed run: from the checkpoint's position
+                dealer.load_state_dict(self._resumed_dealer)
             self.dealer, self._resumed_dealer = dealer, None
         self._ready.set()  # rank 0 restored its checkpoint before it made its dataloaders: serve from now on
 
@@ -208,7 +209,7 @@ class MasterService:
         if header.type in (Msg.PULL, Msg.DEAL):
             self._wait_ready()
         if header.type == Msg.DEAL:
-            return self._deal(rank, header.epoch)
+            return self._deal(rank, header.epoch, bool(header.code))
         if header.type == Msg.DONE:
             return self._done(rank, header, out)
         with self.lock:
@@ -250,12 +251,14 @@ class MasterService:
             )
         return self._params(Msg.REFUSED, rank, out, code=int(refused.code))
 
-    def _deal(self, rank: int, epoch: int) -> Reply:
+    def _deal(self, rank: int, epoch: int, new_pass: bool = False) -> Reply:
         self._wait_ready()
         deadline = time.monotonic() + self.idle_timeout
         with self.lock:
             if self.dealer is None:
                 raise ProtocolError(f"rank {rank} asked for a batch, but rank 0's training data is not dealt", ErrorCode.UNEXPECTED)
+            if new_pass:
+                self.dealer.lose(rank)  # batches of an abandoned pass are dealt again, first
             self._waiting.add(rank)
             self.lock.notify_all()  # another waiter may now see every busy worker waiting
             try:

@@ -236,6 +236,27 @@ def test_dealer_order_is_deterministic_and_resumes():
     assert [len(dealer.deal(0, 0).indices), dealer.deal(0, 0).kind] == [1, DealKind.EPOCH_END]
 
 
+def test_a_new_pass_gives_back_what_an_abandoned_pass_was_dealt():
+    """A DataLoader iterator dropped after one batch (Lightning makes the DataLoader again with
+    reload_dataloaders_every_n_epochs): the worker's next pass starts with that batch, not past it."""
+    hub, service = make_master(2)
+    worker = client(hub, 1)
+    worker.pull(torch.empty(N_PARAMS))
+    abandoned = worker.deal(0, new_pass=True).indices  # prefetched by an iterator nobody reads again
+    assert worker.deal(0, new_pass=True).indices == abandoned
+    assert worker.deal(0).indices != abandoned  # within one pass, batches are not given back
+
+
+def test_a_dataloader_made_again_goes_on_dealing_with_batches_in_flight_left_with_their_workers():
+    hub, service = make_master(2)
+    worker = client(hub, 1)
+    worker.pull(torch.empty(N_PARAMS))
+    in_flight = worker.deal(0).indices
+    service.set_dealer(BatchDealer(sequential_order(40), 40, 4))  # rank 0 made its DataLoader again
+    rank0 = LocalClient(service)
+    following = [rank0.deal(0).indices for _ in range(9)]
+    assert in_flight not in following and sorted(i for b in following + [in_flight] for i in b) == list(range(40))
+
 def test_eval_returns_the_masters_model_without_changing_it():
     hub, service = make_master(2, algorithm="dana")
     c = client(hub, 1)

@@ -98,10 +98,11 @@ def test_lag_and_gap_reach_the_logger(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     lags = [float(r["dana/lag_mean"]) for r in rows if r.get("dana/lag_mean")]
     gaps = [float(r["dana/gap_mean"]) for r in rows if r.get("dana/gap_mean")]
-    assert len(lags) == 8 and lags[-1] == 3.0  # round robin with 4 workers: τ = N - 1
+    # every 4 steps, and at the end the push the master applied after the last of them (one step late)
+    assert len(lags) == t.global_step // 4 + 1 and lags[-1] == 3.0  # round robin with 4 workers: τ = N - 1
     assert all(g > 0 for g in gaps)
     assert any(k.startswith("dana/pushes_per_s/worker_3") for k in rows[-1])
-    assert len(monitor.history) == 8
+    assert len(monitor.history) == len(lags) and sum(h["dana/pushes"] for h in monitor.history) == t.global_step
 
 
 
@@ -109,9 +110,9 @@ def test_every_push_is_applied_and_recorded_though_the_master_applies_each_one_s
     monitor = GapMonitor(logging_interval=3)
     t, model = fit(SimulatedWorkers(4, "dana_ga", schedule="gamma"), epochs=2, callbacks=[monitor])
     assert t.strategy.master_state.version == t.global_step  # the last step's push too
-    rest = t.strategy.drain_push_records()
-    assert sum(h["dana/pushes"] for h in monitor.history) + len(rest) == t.global_step
-    assert all(isinstance(r.gap, float) and r.gap > 0 for r in rest)
+    assert sum(h["dana/pushes"] for h in monitor.history) == t.global_step  # each logged once, the last at the end
+    assert all(isinstance(h["dana/gap_mean"], float) and h["dana/gap_mean"] > 0 for h in monitor.history)
+    assert t.strategy.drain_push_records() == []
     assert torch.equal(flat_params(model), t.strategy.master_state.rule.eval_params())
 
 def test_lag_and_gap_are_logged_without_asking(tmp_path):

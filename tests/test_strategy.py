@@ -162,6 +162,16 @@ def test_per_step_schedules_follow_the_master_and_rank_0_validates_every_sample(
     assert sorted(validated[0]) == list(range(128)) and set(validated[0].values()) == {2}  # 2 epochs, all samples
     assert validated[1:] == [Counter(), Counter()]
 
+def test_dataloaders_made_again_each_epoch_still_train_every_sample_once(tmp_path: Path) -> None:
+    """reload_dataloaders_every_n_epochs=1: each epoch Lightning drops a DataLoader iterator that has
+    prefetched a dealt batch, and rank 0 hands the master a new DataLoader while batches are in flight.
+    Neither loses a batch nor trains one twice."""
+    run = train(tmp_path, "--epochs", "3", "--reload", devices=2)
+    assert run["rc"] == 0, run["output"][-4000:]
+    per_epoch = [Counter(i for rank in run["ranks"] for e, b in rank["dana"]["trained"] if e == epoch for i in b)
+                 for epoch in range(3)]
+    assert all(sorted(c) == list(range(384)) and set(c.values()) == {1} for c in per_epoch)
+
 def test_dataloader_worker_processes_and_prefetching(tmp_path: Path) -> None:
     """DataLoader(num_workers=2, persistent_workers=True) prefetches dealt batches ahead: still once each."""
     run = train(tmp_path, "--epochs", "2", "--loader-workers", "2", devices=2)

@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=0, help="after fit, trainer.test on this many samples")
     p.add_argument("--stop-at-acc", type=float, default=0.0, help="EarlyStopping once val_acc reaches this")
     p.add_argument("--start-method", default="popen")
+    p.add_argument("--reload", action="store_true", help="Trainer(reload_dataloaders_every_n_epochs=1)")
     p.add_argument("--onecycle", action="store_true", help="OneCycleLR per step over trainer.estimated_stepping_batches")
     p.add_argument("--strategy-name", action="store_true", help="use the registered name, not DANAStrategy(...)")
     args = p.parse_args()
@@ -215,6 +216,7 @@ def fit(args: Any, algorithm: str) -> tuple[int, dict[str, Any]]:
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_epochs=args.epochs, max_steps=args.max_steps,
         default_root_dir=args.root, logger=False, enable_checkpointing=bool(args.checkpoint_every),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks,
+        reload_dataloaders_every_n_epochs=int(args.reload),
     )
     train = DataLoader(dataset(), batch_size=args.batch, shuffle=True, num_workers=args.loader_workers,
                        persistent_workers=args.loader_workers > 0)
