@@ -218,3 +218,14 @@ def test_tied_weights_are_saved_under_every_name_under_dana(dana_run: dict[str, 
     assert _part(dana_run, "tied", 1)["module"] == r["module"]
     # mid-epoch checkpoints, rank 0's every 2 of its steps
     assert _check_mid_checkpoints(Path(r["mid_dir"]), "dana", r["numel"]) >= 1
+
+
+def test_trainer_options_under_dana(dana_run: dict[str, Any]) -> None:
+    """accumulate_grad_batches=2, gradient_clip_val, precision="bf16-mixed", max_steps=12 and
+    LearningRateMonitor, as under DDP: the master deals max_steps x 2 batches (over 2 epochs of 16), in
+    12 full pushes and one more for each epoch whose end cut both workers' windows short (each pushes
+    what it accumulated); every rank ends with the master's model; the lr reaches rank 0's logger."""
+    r0, r1 = _part(dana_run, "options", 0), _part(dana_run, "options", 1)
+    assert 12 <= r0["master_version"] <= 14 and r0["global_step"] + r1["global_step"] == r0["master_version"]
+    assert r0["module"] == r1["module"]
+    assert "lr-SGD" in Path(r0["metrics_csv"]).read_text().splitlines()[0].split(",")

@@ -196,12 +196,43 @@ def tied_fit(root: str, strategy: Any, devices: int = 1, epochs: int = 2) -> dic
     }
 
 
+def options_fit(root: str, strategy: Any, devices: int = 1) -> dict[str, Any]:
+    """Plain with Trainer options users set under DDP, all at once: gradient accumulation, clipping,
+    bf16 autocast, max_steps, and an lr monitor writing to a CSV logger."""
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
+
+    class MasterVersion(Callback):
+        version = None
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            service = getattr(trainer.strategy, "service", None)  # rank 0, before teardown
+            self.version = service.state.version if service is not None else None
+
+    pl.seed_everything(0, verbose=False)
+    model, version = Plain(), MasterVersion()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=12, accumulate_grad_batches=2,
+        gradient_clip_val=0.5, precision="bf16-mixed", default_root_dir=root, logger=CSVLogger(root, name="csv"),
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[LearningRateMonitor("step"), version],
+    )
+    trainer.fit(model, loader(), loader(64, shuffle=False, seed=1))
+    return {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "master_version": version.version,
+        "metrics_csv": os.path.join(root, "csv", "version_0", "metrics.csv"),
+        "module": flat(model),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--parts", default="swa,tied")
+    p.add_argument("--parts", default="swa,tied,options")
     args = p.parse_args()
     report: dict[str, Any] = {}
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -213,6 +244,8 @@ def main() -> None:
                 report[part] = swa_fit(root, strategy, args.devices, deterministic=True)
             elif part == "tied":
                 report[part] = tied_fit(root, strategy, args.devices)
+            elif part == "options":
+                report[part] = options_fit(root, strategy, args.devices)
             else:
                 raise ValueError(f"unknown part {part!r}")
             report[part]["status"] = "ok"
