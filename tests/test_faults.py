@@ -54,7 +54,10 @@ def test_killed_master_makes_every_worker_exit_with_a_clear_error(tmp_path: Path
 
 
 def test_nan_push_is_refused_and_training_goes_on(tmp_path: Path) -> None:
-    result = train(tmp_path, "--epochs", "1", "--nan-rank", "1", "--nan-step", "1", devices=2)
+    # rank 1's first step pushes NaN; rank 0 (whose master is in-process, so it is the faster worker)
+    # is slowed so that a rank 1 started late on a busy machine still gets a batch before the run ends
+    result = train(tmp_path, "--epochs", "2", "--nan-rank", "1", "--nan-step", "0", "--slow", "0.05",
+                   "--slow-rank", "0", devices=2)
     assert result["rc"] == 0, result["output"][-4000:]
     r0, r1 = result["ranks"][0]["dana"], result["ranks"][1]["dana"]
     assert r1["refused"] == 1 and r0["refused"] == 0
