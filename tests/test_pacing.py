@@ -53,3 +53,22 @@ def test_pace_wraps_per_step_schedulers_only_and_unpace_gives_them_back():
     assert configs[0].scheduler.state_dict() == step.state_dict()  # checkpoints hold the user's scheduler
     unpace(configs)
     assert [c.scheduler for c in configs] == [step, epoch, plateau]
+
+
+def test_warmup_then_cosine_in_one_sequential_scheduler_is_paced_exactly():
+    """The usual per-step recipe (LinearLR warm-up, then CosineAnnealingLR, in a SequentialLR)."""
+
+    def recipe(opt: torch.optim.SGD) -> torch.optim.lr_scheduler.SequentialLR:
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[5])
+
+    pushes = 0
+    opt, ref_opt = sgd(), sgd()
+    paced, ref = MasterPaced(recipe(opt), lambda: pushes), recipe(ref_opt)
+    for pushes in [2, 3, 7, 11, 12, 20]:
+        paced.step()
+        while ref.last_epoch < pushes:
+            ref_opt.step()
+            ref.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12)
