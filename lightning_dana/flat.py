@@ -51,6 +51,8 @@ class FlatModel:
         self.buffer_sizes = [b.numel() for b in self.buffers]
         self._stats = [b for b in self.buffers if b.dtype.is_floating_point]
         self._counters = self.buffers[len(self._stats) :]
+        self._stat_sizes = self.buffer_sizes[: len(self._stats)]
+        self._counter_sizes = self.buffer_sizes[len(self._stats) :]
         self.buffer_numel = sum(self.buffer_sizes)
         self.payload_numel = self.numel + self.buffer_numel
 
@@ -61,13 +63,12 @@ class FlatModel:
     @torch.no_grad()
     def read_params(self, out: Tensor | None = None) -> Tensor:
         out = self.empty(self.numel) if out is None else out
-        torch._foreach_copy_(list(out.split(self.sizes)), [p.reshape(-1) for p in self.params])
+        _gather(out, self.params, self.sizes)
         return out
 
     @torch.no_grad()
     def write_params(self, flat: Tensor) -> None:
-        views = [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
-        torch._foreach_copy_(self.params, views)
+        _scatter(flat, self.params, self.sizes)
 
     @torch.no_grad()
     def read_grads(self, out: Tensor | None = None) -> Tensor:
@@ -91,18 +92,20 @@ class FlatModel:
         split = self.buffer_numel - self.counter_numel
         # one fused copy per dtype (a copy that converts falls back to one kernel per tensor on a GPU)
         if self._stats:
-            _copy(out[:split], self._stats)
+            _gather(out[:split], self._stats, self._stat_sizes)
         if self._counters:
-            out[split:].copy_(_copy(torch.empty(self.counter_numel, dtype=torch.int64, device=out.device), self._counters))
+            counts = torch.empty(self.counter_numel, dtype=torch.int64, device=out.device)
+            _gather(counts, self._counters, self._counter_sizes)
+            out[split:].copy_(counts)
         return out
 
     @torch.no_grad()
     def write_buffers(self, flat: Tensor) -> None:
         split = self.buffer_numel - self.counter_numel
         if self._stats:
-            _copy(self._stats, flat[:split])
+            _scatter(flat[:split], self._stats, self._stat_sizes)
         if self._counters:  # counters travelled as floating point
-            _copy(self._counters, flat[split:].round().to(torch.int64))
+            _scatter(flat[split:].round().to(torch.int64), self._counters, self._counter_sizes)
 
     # checkpoints --------------------------------------------------------------------
     @torch.no_grad()
@@ -158,15 +161,14 @@ def optimizer_values(optimizer: Optimizer, key: str) -> list[float]:
     return [float(g.get(key, 0.0)) for g in optimizer.param_groups]
 
 
-def _copy(dst: Tensor | list[Tensor], src: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-    """Copy between a flat tensor and a list of tensors (either way round), in one fused copy."""
-    if isinstance(dst, Tensor):
-        assert isinstance(src, list)
-        torch._foreach_copy_(list(dst.split([t.numel() for t in src])), [t.reshape(-1) for t in src])
-    else:
-        assert isinstance(src, Tensor)
-        torch._foreach_copy_(dst, [v.view_as(t) for v, t in zip(src.split([t.numel() for t in dst]), dst)])
-    return dst
+def _gather(flat: Tensor, tensors: list[Tensor], sizes: list[int]) -> None:
+    """``tensors`` end to end into ``flat``, in one fused copy (one kernel launch per tensor costs on a GPU)."""
+    torch._foreach_copy_(list(flat.split(sizes)), [t.reshape(-1) for t in tensors])
+
+
+def _scatter(flat: Tensor, tensors: list[Tensor], sizes: list[int]) -> None:
+    """The inverse of :func:`_gather`."""
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split(sizes), tensors)])
 
 
 def _as_buffer(view: Tensor, buffer: Tensor) -> Tensor:

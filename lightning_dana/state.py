@@ -120,14 +120,13 @@ class MasterState:
                 f"push from worker {worker} carries learning rates {values}: need one lr per param group, each "
                 f">= 0 and < {limit:.3g} (the largest {payload.dtype})"
             )
-        params = payload[: self.numel]
         # every number the checks need, in one read from the device (each read waits for the device)
         total, square, peak = (read or self.reductions(payload)).values()
         if not math.isfinite(total) and not bool(torch.isfinite(payload).all()):  # an overflowing sum is settled exactly
             raise RefusedPushError(f"worker {worker} pushed NaN or Inf; push refused, master unchanged", RefusalCode.NON_FINITE)
         if not math.isfinite(square):
             raise RefusedPushError(
-                f"worker {worker} pushed values whose squared norm overflows {params.dtype} (a diverging loss?); "
+                f"worker {worker} pushed values whose squared norm overflows {payload.dtype} (a diverging loss?); "
                 "push refused, master unchanged",
                 RefusalCode.OVERFLOW,
             )
@@ -137,7 +136,7 @@ class MasterState:
         step = scale * peak
         if step > limit * 1e-3:
             raise RefusedPushError(
-                f"worker {worker} pushed a step of {step:.3g}, which would overflow the master's {params.dtype}; "
+                f"worker {worker} pushed a step of {step:.3g}, which would overflow the master's {payload.dtype}; "
                 "push refused, master unchanged",
                 RefusalCode.OVERFLOW,
             )
